@@ -1,0 +1,5 @@
+import sys
+
+from tdsearch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,69 @@
+"""Compressed-model checkpoints: everything needed to rebuild a working ``nn.Module``.
+
+A checkpoint holds the model spec (built-in name or ``package.module:factory``), input shape,
+number of classes, the rank table and the trained state_dict, so ``load_compressed`` rebuilds
+the architecture, applies the table without decomposing anything, and loads the weights. It is a
+plain ``torch.save`` dict of tensors and builtins: loadable with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tdsearch.errors import UserError
+from tdsearch.models import build_model
+from tdsearch.tensor import RankTable, compress
+from tdsearch.utils import atomic_write
+
+CHECKPOINT_FORMAT = 1
+
+
+def save_compressed(
+    path: str | Path,
+    model: nn.Module,
+    table: RankTable,
+    *,
+    model_spec: str,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    metrics: dict[str, float] | None = None,
+) -> Path:
+    """Write a checkpoint atomically (a kill never leaves half a file)."""
+    payload: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "model": model_spec,
+        "input_shape": list(input_shape),
+        "num_classes": num_classes,
+        "rank_table": table.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+    }
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a tdsearch checkpoint (format {CHECKPOINT_FORMAT})")
+    return payload
+
+
+def load_compressed(path: str | Path) -> nn.Module:
+    """Rebuild the compressed model saved at ``path`` (eval mode, on the CPU)."""
+    payload = read_checkpoint(path)
+    shape = tuple(payload["input_shape"])
+    model = build_model(payload["model"], shape, payload["num_classes"])
+    table = RankTable.from_dict(payload["rank_table"])
+    compact = compress(model, table, init=False)
+    compact.load_state_dict(payload["state_dict"])
+    return compact.eval()

@@ -1,0 +1,412 @@
+"""Command line: argument parsing and dispatch only.
+
+``tdsearch [search options]`` runs a search (``search`` is the default sub-command); the other
+sub-commands inspect a model, train its baseline, print a search space, export a result, start
+the MLflow UI or compare searches. Heavy imports (Ray, MLflow) happen inside the handlers so
+that ``tdsearch layers`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from tdsearch.errors import UserError
+
+SUBCOMMANDS = ("search", "layers", "baseline", "space", "export")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit code 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_task_options(p: argparse.ArgumentParser, *, defaults: bool = True) -> None:
+    """--model, --dataset, --data-dir, --weights, --seed. Without ``defaults`` the options
+    default to None so that a config file can fill them in (flags override the file)."""
+    g = p.add_argument_group("task")
+    g.add_argument(
+        "--model",
+        default="lenet5" if defaults else None,
+        help="lenet5, resnet20, resnet32, resnet56 or package.module:factory (default: lenet5)",
+    )
+    g.add_argument(
+        "--dataset",
+        default="fashion-mnist" if defaults else None,
+        help="fashion-mnist, mnist, cifar10, cifar100, digits or synthetic "
+        "(default: fashion-mnist)",
+    )
+    g.add_argument(
+        "--data-dir",
+        help="directory holding the dataset (torchvision's layout for "
+        "mnist / cifar); Fashion-MNIST defaults to Debian's package",
+    )
+    g.add_argument(
+        "--weights",
+        help="trained weights (a state_dict .pt) for --model; "
+        "without it the dense baseline is trained and cached",
+    )
+    g.add_argument("--seed", type=int, default=0 if defaults else None, help="random seed (0)")
+    g.add_argument(
+        "--cache-dir",
+        help="where trained baselines are cached (default: $TDSEARCH_CACHE or ~/.cache/tdsearch)",
+    )
+
+
+def _scalar(text: str) -> object:
+    """A flag value as int, float, bool or str (YAML would read 1e-3 as a string)."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    parts = [_scalar(v) for v in value.split(",")]
+    return key.strip().replace("-", "_"), parts[0] if len(parts) == 1 else parts
+
+
+def _rank_bound(text: str) -> tuple[str, list[int]]:
+    layer, sep, bounds = text.partition("=")
+    low, colon, high = bounds.partition(":")
+    try:
+        if not sep or not colon:
+            raise ValueError
+        return layer, [int(low), int(high)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LAYER=LOW:HIGH, got {text!r}") from None
+
+
+def _add_search_options(p: argparse.ArgumentParser) -> None:
+    """Flags of a search; all default to None so that --config values survive."""
+    p.add_argument("--config", help="YAML file of settings (flags override it)")
+    _add_task_options(p, defaults=False)
+    g = p.add_argument_group("method and search space")
+    g.add_argument(
+        "--method", help="decompose (default), admm-tt, admm-tucker, cepd, mars, adaptive-tucker"
+    )
+    g.add_argument(
+        "--format",
+        help="format of conv layers: tt (default), tt-matrix, tucker2, "
+        "svd; linear layers take tt-matrix or svd",
+    )
+    g.add_argument(
+        "--option",
+        "-o",
+        dest="options",
+        action="append",
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="a method option, e.g. -o rho=1e-4,1e-1 (repeat)",
+    )
+    g.add_argument(
+        "--layers",
+        help="comma-separated layer names or globs to decompose "
+        "(default: all but the first conv and the last linear)",
+    )
+    g.add_argument("--exclude-layers", help="comma-separated layer names or globs to keep dense")
+    g.add_argument(
+        "--rank",
+        dest="rank_bounds",
+        action="append",
+        type=_rank_bound,
+        metavar="LAYER=LOW:HIGH",
+        help="bounds of a layer's ranks (repeat)",
+    )
+    g.add_argument("--rank-mode", help="fraction (default) or int")
+    g.add_argument("--min-rank-fraction", type=float, help="lowest rank fraction (0.05)")
+    g.add_argument("--tie", help="none (default), block or stage: layers share ranks")
+    g.add_argument("--tt-matrix-cores", type=_positive_int, help="cores of TT-matrix layers (3)")
+    g = p.add_argument_group("each trial")
+    g.add_argument("--epochs", type=_positive_int, help="training epochs per trial (2)")
+    g.add_argument("--lr", type=float, help="learning rate of a trial's training")
+    g.add_argument("--batch-size", type=_positive_int, help="batch size (128)")
+    g.add_argument("--optimizer", help="adam or sgd")
+    g.add_argument(
+        "--max-train-samples",
+        type=_positive_int,
+        help="train on at most this many images (quick searches)",
+    )
+    g.add_argument("--baseline-epochs", type=_positive_int, help="epochs of the dense baseline")
+    g = p.add_argument_group("search")
+    g.add_argument("--budget", type=int, help="number of trials (50)")
+    g.add_argument("--concurrency", type=int, help="trials at once (1)")
+    g.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (all / concurrency)")
+    g.add_argument("--gpus-per-trial", type=float, help="GPUs per trial (0)")
+    g.add_argument("--sampler", help="tpe (default), nsga2 or random")
+    g.add_argument("--initial-trials", type=int, help="informed first trials at uniform ranks (0)")
+    g.add_argument(
+        "--objectives",
+        help="comma-separated: accuracy and params, flops, latency (default accuracy,params,flops)",
+    )
+    g.add_argument("--latency-batch", type=_positive_int, help="batch size of latency (1)")
+    g.add_argument("--early-stopping", help="pareto (default), asha or none")
+    g.add_argument("--max-failures", type=int, help="retries of a trial whose worker died (1)")
+    g = p.add_argument_group("where results go")
+    g.add_argument("--name", help="search name (default: MODEL-DATASET-METHOD[-N])")
+    g.add_argument("--storage", help="Ray Tune state directory (./tdsearch-runs)")
+    g.add_argument("--tracking-uri", help="MLflow tracking URI (default: ./mlflow.db)")
+    g.add_argument("--experiment", help="MLflow experiment name (tdsearch)")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="NAME",
+        help="continue an interrupted search (the newest of this command's, or NAME)",
+    )
+    g.add_argument("--address", help="Ray cluster address HOST:PORT (default: start Ray here)")
+
+
+def _add_tracking_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", help="search name (default: the newest search)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: ./mlflow.db)")
+    p.add_argument("--experiment", default="tdsearch", help="MLflow experiment (tdsearch)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tdsearch", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("search", help="run a rank search (the default command)")
+    _add_search_options(p)
+    p.set_defaults(handler=_cmd_search)
+
+    p = sub.add_parser("space", help="print the search space a search would explore")
+    _add_search_options(p)
+    p.set_defaults(handler=_cmd_space)
+
+    p = sub.add_parser("export", help="write the rank table (and model) of one trial")
+    _add_tracking_options(p)
+    p.add_argument(
+        "--select", help="knee (default without constraints), max-accuracy, min-params or min-flops"
+    )
+    p.add_argument("--min-accuracy", type=float, help="lowest validation accuracy (0-1)")
+    p.add_argument("--max-params", type=float, help="most parameters")
+    p.add_argument("--max-flops", type=float, help="most MACs")
+    p.add_argument("-o", "--output", help="file for the rank table (default: standard output)")
+    p.add_argument(
+        "--format",
+        dest="table_format",
+        help="yaml, json, csv or md (default: from -o's suffix, else yaml)",
+    )
+    p.add_argument("--checkpoint", help="also write the trial's compressed model here (.pt)")
+    p.set_defaults(handler=_cmd_export)
+
+    p = sub.add_parser("layers", help="list a model's decomposable layers and their rank limits")
+    _add_task_options(p)
+    p.set_defaults(handler=_cmd_layers)
+
+    p = sub.add_parser("baseline", help="train (or load from cache) the dense baseline")
+    _add_task_options(p)
+    p.add_argument("--epochs", type=_positive_int, help="baseline training epochs")
+    p.add_argument("--lr", type=float, help="baseline learning rate")
+    p.set_defaults(handler=_cmd_baseline)
+    return parser
+
+
+def search_config(args: argparse.Namespace):
+    """The SearchConfig of ``tdsearch search`` flags (and --config file)."""
+    from tdsearch.config import SearchConfig
+
+    skip = {"config", "command", "handler", "options", "rank_bounds", "resume"}
+    overrides = {k: v for k, v in vars(args).items() if k not in skip}
+    if args.options:
+        overrides["options"] = dict(args.options)
+    if args.rank_bounds:
+        overrides["rank_bounds"] = dict(args.rank_bounds)
+    if args.resume is not None:
+        overrides["resume"] = True
+        if isinstance(args.resume, str):
+            if args.name is not None and args.name != args.resume:
+                raise UserError(f"--resume {args.resume} and --name {args.name} disagree")
+            overrides["name"] = args.resume
+    return SearchConfig.from_sources(args.config, overrides)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from tdsearch.search import SearchFailed, run_search
+
+    config = search_config(args)
+    try:
+        outcome = run_search(config)
+    except SearchFailed as err:
+        print(f"tdsearch: {err}", file=sys.stderr)
+        return 1
+    return 130 if outcome.interrupted else 0
+
+
+def _cmd_space(args: argparse.Namespace) -> int:
+    from tdsearch.data import DATASET_SHAPES
+    from tdsearch.models import build_model
+    from tdsearch.search.run import build_search_space
+    from tdsearch.tensor import decomposable_layers
+    from tdsearch.trainers import make_trainer
+
+    config = search_config(args)
+    shape, classes = DATASET_SHAPES[config.dataset]
+    infos = decomposable_layers(build_model(config.model, shape, classes), shape)
+    trainer = make_trainer(config.method, config.options)
+    print(build_search_space(config, trainer, infos).describe())
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tdsearch.mlflow.export import export_trial, write_checkpoint
+    from tdsearch.mlflow.tracking import Tracker
+    from tdsearch.tensor import SERIALIZATIONS
+    from tdsearch.tensor.rank_table import format_from_suffix
+
+    fmt = args.table_format
+    if fmt is not None and fmt not in SERIALIZATIONS:
+        raise UserError(f"unknown --format {fmt!r}; choose one of {', '.join(SERIALIZATIONS)}")
+    if args.output and fmt is None:
+        try:
+            fmt = format_from_suffix(Path(args.output))
+        except ValueError as err:
+            raise UserError(str(err)) from None
+    tracker = Tracker(args.tracking_uri, args.experiment)
+    tracker.connect()
+    selected = export_trial(
+        tracker,
+        name=args.name,
+        select=args.select,
+        min_accuracy=args.min_accuracy,
+        max_params=args.max_params,
+        max_flops=args.max_flops,
+    )
+    print(selected.describe(), file=sys.stderr)
+    if args.output:
+        path = selected.table.save(args.output, fmt)
+        print(f"rank table written to {path}", file=sys.stderr)
+    else:
+        sys.stdout.write(selected.table.dumps(fmt or "yaml"))
+    if args.checkpoint:
+        path = write_checkpoint(tracker, selected, Path(args.checkpoint))
+        print(
+            f"compressed model written to {path} (load with tdsearch.load_compressed)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    from tdsearch.data import DATASET_SHAPES
+    from tdsearch.models import build_model
+    from tdsearch.spaces.layers import default_layers
+    from tdsearch.tensor import decomposable_layers, largest_compressing_rank, make_spec
+    from tdsearch.utils import format_table, human_count
+
+    if args.dataset not in DATASET_SHAPES:
+        raise UserError(
+            f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASET_SHAPES)}"
+        )
+    shape, classes = DATASET_SHAPES[args.dataset]
+    model = build_model(args.model, shape, classes)
+    infos = decomposable_layers(model, shape)
+    searched = {i.name for i in default_layers(infos)}
+    rows = []
+    for info in infos:
+        limits = {}
+        for fmt in ("tt", "tt-matrix", "tucker2", "svd"):
+            try:
+                limits[fmt] = largest_compressing_rank(info, make_spec(info, fmt))
+            except ValueError:
+                limits[fmt] = None
+        rows.append(
+            [
+                info.name + (" *" if info.name in searched else ""),
+                info.kind,
+                "x".join(map(str, info.weight_shape)),
+                human_count(info.params),
+                human_count(info.macs),
+                *("-" if limits[f] is None else str(limits[f]) for f in limits),
+            ]
+        )
+    print(
+        f"{args.model} on {args.dataset} input {'x'.join(map(str, shape))}: "
+        f"{len(infos)} decomposable layers"
+    )
+    print(
+        format_table(
+            rows,
+            ["layer", "kind", "weight", "params", "MACs", "tt<", "tt-matrix<", "tucker2<", "svd<"],
+        )
+    )
+    print("* searched by default (all but the first conv and the last linear layer)")
+    print(
+        "tt< etc.: the largest rank (all ranks equal) at which the format still has fewer "
+        "weights than the dense layer; '-' = format does not apply"
+    )
+    return 0
+
+
+def _cmd_baseline(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from tdsearch.task import TaskSpec, default_baseline_settings, load_task
+    from tdsearch.utils import human_count
+
+    settings = default_baseline_settings(args.model)
+    if args.epochs is not None:
+        settings = replace(settings, epochs=args.epochs)
+    if args.lr is not None:
+        settings = replace(settings, lr=args.lr)
+    spec = TaskSpec(
+        model=args.model,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        weights=args.weights,
+        seed=args.seed,
+        baseline=settings,
+    )
+    task = load_task(spec, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    m = task.baseline_metrics
+    print(
+        f"{args.model} on {args.dataset}: validation accuracy {m['val_accuracy']:.4f}, "
+        f"test accuracy {m['test_accuracy']:.4f}, {human_count(m['params'])} params, "
+        f"{human_count(m['flops'])} MACs"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "search")
+    try:
+        args = build_parser().parse_args(argv)
+        handler: Callable[[argparse.Namespace], int] = args.handler
+        return handler(args)
+    except UserError as err:
+        print(f"tdsearch: error: {err}", file=sys.stderr)
+        return UserError.exit_code
+    except KeyboardInterrupt:
+        print("tdsearch: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""Errors a user can fix.
+
+Anything raised as :class:`UserError` reaches the terminal as one line and exit code 2;
+every other exception is a bug in tdsearch and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input: a sentence that says what was expected and what came."""
+
+    exit_code = 2
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the trial is recorded as failed."""

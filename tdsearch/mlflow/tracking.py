@@ -1,0 +1,293 @@
+"""MLflow runs of a search: one parent run per search, one nested child run per trial.
+
+All MLflow writes happen in the driver process (a Ray Tune callback receives every trial's
+results), never in Ray workers. One writer means MLflow's default SQLite store never meets two
+writers at once, so no "database is locked" error can arise from the search itself, and the
+parent/child nesting does not depend on what a worker process knows. A trial's child run is
+found again by its ``tdsearch.trial_id`` tag, which is what makes a resumed search continue the
+same runs instead of duplicating them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import mlflow
+import pandas as pd
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+from filelock import FileLock
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+
+from tdsearch.errors import UserError
+
+TAG_SEARCH = "tdsearch.search"
+TAG_ROLE = "tdsearch.role"
+TAG_TRIAL_ID = "tdsearch.trial_id"
+TAG_TRIAL_NUMBER = "tdsearch.trial_number"
+TAG_RANK_TABLE = "tdsearch.rank_table"
+TAG_ERROR = "tdsearch.error"
+TAG_PARETO = "pareto"
+TAG_STATUS = "trial_status"
+PARENT_TAG = "mlflow.parentRunId"
+
+T = TypeVar("T")
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """The tracking URI to use: the given one, else MLflow's default (``mlflow.db`` in the
+    current directory), made absolute so that it means the same thing from any process."""
+    return mlflow.get_tracking_uri() if uri is None else _absolute_sqlite(uri)
+
+
+def _absolute_sqlite(uri: str) -> str:
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+    if "://" not in uri:  # a plain path means a local file store directory
+        return str(Path(uri).resolve())
+    return uri
+
+
+def _retry(call: Callable[[], T], attempts: int = 8) -> T:
+    """Retry SQLite's transient "database is locked" (another process, e.g. a second search or
+    the UI, holds the write lock) with exponential backoff."""
+    delay = 0.05
+    for attempt in range(attempts):
+        try:
+            return call()
+        except MlflowException as err:
+            if "locked" not in str(err).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+class Tracker:
+    """The MLflow experiment of a search and its runs. Picklable: the client is rebuilt lazily."""
+
+    def __init__(self, tracking_uri: str | None, experiment: str):
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.experiment_name = experiment
+        self._client: MlflowClient | None = None
+        self._experiment_id: str | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def connect(self) -> str:
+        """Open (creating if needed) the experiment; an unreachable store is a UserError.
+
+        The first use of a new SQLite file creates its tables; two searches starting at once
+        would race on that, so the creation runs under a file lock beside the database.
+        """
+        lock = self._sqlite_lock()
+        try:
+            if lock is not None:
+                with lock:
+                    return self._open_experiment()
+            return self._open_experiment()
+        except MlflowException as err:
+            raise UserError(
+                f"MLflow tracking store {self.tracking_uri} is not usable: "
+                f"{str(err).splitlines()[0]}"
+            ) from None
+        except Exception as err:  # connection errors of every HTTP / DB client library
+            raise UserError(
+                f"cannot reach the MLflow tracking store {self.tracking_uri}: "
+                f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            ) from None
+
+    def _sqlite_lock(self) -> FileLock | None:
+        if not self.tracking_uri.startswith("sqlite:///"):
+            return None
+        path = Path(urlparse(self.tracking_uri).path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(path) + ".lock")
+
+    def _open_experiment(self) -> str:
+        if self._experiment_id is None:
+            experiment = self.client.get_experiment_by_name(self.experiment_name)
+            if experiment is None:
+                self._experiment_id = self.client.create_experiment(self.experiment_name)
+            else:
+                self._experiment_id = experiment.experiment_id
+        return self._experiment_id
+
+    @property
+    def experiment_id(self) -> str:
+        return self._experiment_id or self.connect()
+
+    # --- parent run ---------------------------------------------------------------------------
+
+    def start_parent(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+        run = _retry(
+            lambda: self.client.create_run(
+                self.experiment_id,
+                run_name=name,
+                tags={TAG_SEARCH: name, TAG_ROLE: "search", **tags},
+            )
+        )
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def reopen_parent(self, run_id: str) -> int:
+        """Mark a resumed search's parent RUNNING again and every child left RUNNING by the
+        killed driver as KILLED; returns how many children were closed."""
+        _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
+        stale = [r for r in self.children(run_id) if r.info.status == "RUNNING"]
+        for run in stale:
+            self.client.set_tag(run.info.run_id, TAG_STATUS, "killed")
+            _retry(lambda run=run: self.client.set_terminated(run.info.run_id, "KILLED"))
+        return len(stale)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        _retry(lambda: self.client.set_terminated(run_id, status))
+
+    # --- child runs ---------------------------------------------------------------------------
+
+    def children(self, parent_id: str) -> list:
+        filter_string = f"tags.`{PARENT_TAG}` = '{parent_id}'"
+        return list(
+            _retry(
+                lambda: self.client.search_runs(
+                    [self.experiment_id], filter_string=filter_string, max_results=50_000
+                )
+            )
+        )
+
+    def start_child(
+        self, parent_id: str, trial_id: str, number: int, name: str, tags: Mapping[str, str]
+    ) -> str:
+        run = _retry(
+            lambda: self.client.create_run(
+                self.experiment_id,
+                run_name=name,
+                tags={
+                    PARENT_TAG: parent_id,
+                    TAG_TRIAL_ID: trial_id,
+                    TAG_TRIAL_NUMBER: str(number),
+                    TAG_ROLE: "trial",
+                    TAG_STATUS: "running",
+                    **tags,
+                },
+            )
+        )
+        return run.info.run_id
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        ]
+        for start in range(0, len(batch), 1000):
+            _retry(lambda s=start: self.client.log_batch(run_id, metrics=batch[s : s + 1000]))
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            _retry(lambda s=start: self.client.log_batch(run_id, params=items[s : s + 100]))
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        items = [RunTag(k, str(v)[:8000]) for k, v in tags.items()]
+        _retry(lambda: self.client.log_batch(run_id, tags=items))
+
+    def log_artifacts(self, run_id: str, directory: Path, artifact_path: str | None = None) -> None:
+        _retry(lambda: self.client.log_artifacts(run_id, str(directory), artifact_path))
+
+    # --- reading back -------------------------------------------------------------------------
+
+    def trials_frame(self, parent_id: str) -> pd.DataFrame:
+        """One row per child run: trial id / number, status, final metrics, rank table."""
+        rows = []
+        for run in self.children(parent_id):
+            tags = run.data.tags
+            row: dict[str, Any] = {
+                "run_id": run.info.run_id,
+                "trial_id": tags.get(TAG_TRIAL_ID, ""),
+                "trial": int(tags.get(TAG_TRIAL_NUMBER, -1)),
+                "status": run.info.status,
+                "trial_status": tags.get(TAG_STATUS, ""),
+                "rank_table": tags.get(TAG_RANK_TABLE, ""),
+                "error": tags.get(TAG_ERROR, ""),
+            }
+            row.update(run.data.metrics)
+            rows.append(row)
+        frame = pd.DataFrame(rows)
+        if frame.empty:
+            return frame
+        return frame.sort_values("trial").reset_index(drop=True)
+
+    def find_searches(self, name: str | None = None) -> list:
+        """Parent runs of searches in the experiment, newest first (optionally by name)."""
+        clauses = [f"tags.`{TAG_ROLE}` = 'search'"]
+        if name is not None:
+            clauses.append(f"tags.`{TAG_SEARCH}` = '{name}'")
+        return list(
+            _retry(
+                lambda: self.client.search_runs(
+                    [self.experiment_id],
+                    filter_string=" and ".join(clauses),
+                    order_by=["attributes.start_time DESC"],
+                    max_results=1000,
+                )
+            )
+        )
+
+
+def finite_metrics(values: Mapping[str, Any], skip: Iterable[str] = ()) -> dict[str, float]:
+    """The numeric, finite entries of ``values``: a NaN of a failed trial stays out of the
+    charts (its status says it failed)."""
+    skipped = set(skip)
+    return {
+        k: float(v)
+        for k, v in values.items()
+        if k not in skipped
+        and isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and math.isfinite(float(v))
+    }
+
+
+def run_status_name(status: int | str) -> str:
+    return RunStatus.to_string(status) if isinstance(status, int) else status
+
+
+def table_tag(table_json: str) -> dict[str, str]:
+    return {TAG_RANK_TABLE: table_json} if table_json else {}
+
+
+def rank_params(table_json: str) -> dict[str, Any]:
+    """MLflow params of a rank table: one readable param per layer (``layer.conv2 = tt
+    [1,8,8,1]``) and one numeric param per rank (``rank.conv2.1 = 8``) for parallel
+    coordinates in the compare view."""
+    from tdsearch.tensor import RankTable
+
+    if not table_json:
+        return {}
+    table = RankTable.from_dict(json.loads(table_json))
+    params: dict[str, Any] = {}
+    for name, spec in table.items():
+        params[f"layer.{name}"] = spec.describe()
+        for k, r in enumerate(spec.ranks, 1):
+            params[f"rank.{name}.{k}"] = r
+        if spec.kappa is not None:
+            params[f"kappa.{name}"] = spec.kappa
+    return params

@@ -1,0 +1,124 @@
+"""Built-in models and a user's own model given as ``package.module:factory``."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tdsearch.errors import UserError
+from tdsearch.models.lenet import LeNet5
+from tdsearch.models.resnet import CifarResNet
+
+InputShape = tuple[int, int, int]
+
+BUILTIN_MODELS: dict[str, Callable[[InputShape, int], nn.Module]] = {
+    "lenet5": lambda shape, classes: LeNet5(shape[0], classes, shape[1]),
+    "resnet20": lambda shape, classes: CifarResNet(20, shape[0], classes),
+    "resnet32": lambda shape, classes: CifarResNet(32, shape[0], classes),
+    "resnet56": lambda shape, classes: CifarResNet(56, shape[0], classes),
+}
+
+
+def is_user_model(spec: str) -> bool:
+    return ":" in spec
+
+
+def build_model(spec: str, input_shape: InputShape, num_classes: int) -> nn.Module:
+    """A fresh, randomly initialised model.
+
+    Args:
+        spec: a built-in name (``lenet5``, ``resnet20/32/56``) or ``package.module:factory``.
+            A user factory is called with whichever of ``in_channels``, ``num_classes`` and
+            ``input_shape`` it accepts as keywords (none is fine) and must return an ``nn.Module``.
+        input_shape: (C, H, W) of one input image.
+        num_classes: number of output classes.
+    """
+    if spec in BUILTIN_MODELS:
+        return BUILTIN_MODELS[spec](input_shape, num_classes)
+    if not is_user_model(spec):
+        raise UserError(
+            f"unknown model {spec!r}; choose one of {', '.join(BUILTIN_MODELS)} "
+            "or give your own as package.module:factory"
+        )
+    return _build_user_model(spec, input_shape, num_classes)
+
+
+def _build_user_model(spec: str, input_shape: InputShape, num_classes: int) -> nn.Module:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # any import-time failure of user code is the user's to fix
+        raise UserError(f"cannot import {module_name!r} for --model {spec}: {err}") from err
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UserError(f"--model {spec}: {module_name} has no callable named {attr!r}")
+    offered = {
+        "in_channels": input_shape[0],
+        "num_classes": num_classes,
+        "input_shape": input_shape,
+    }
+    try:
+        params = inspect.signature(factory).parameters
+        kwargs = {k: v for k, v in offered.items() if k in params}
+    except (TypeError, ValueError):
+        kwargs = {}
+    try:
+        model = factory(**kwargs)
+    except Exception as err:
+        raise UserError(f"--model {spec}: the factory raised {type(err).__name__}: {err}") from err
+    if not isinstance(model, nn.Module):
+        raise UserError(
+            f"--model {spec}: the factory returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a user's trained weights into ``model``; a missing, corrupt or mismatched file is a
+    :class:`UserError` that names the first offending keys."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"cannot read weights file {path}: {err}".splitlines()[0]) from err
+    if isinstance(state, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"weights file {path} does not hold a state_dict of tensors")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}")
+        if wrong:
+            k = wrong[0]
+            parts.append(
+                f"{k} has shape {tuple(state[k].shape)}, model wants {tuple(own[k].shape)}"
+            )
+        raise UserError(f"weights file {path} does not match the model: {'; '.join(parts)}")
+    model.load_state_dict(state)
+
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "CifarResNet",
+    "LeNet5",
+    "build_model",
+    "is_user_model",
+    "load_weights",
+]

@@ -1,0 +1,413 @@
+"""One search, end to end: config -> task -> space -> Ray Tune + Optuna -> MLflow -> summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from tdsearch.config import SearchConfig
+from tdsearch.errors import UserError
+from tdsearch.mlflow.tracking import TAG_PARETO, Tracker
+from tdsearch.search.pareto import objective_columns
+from tdsearch.search.progress import format_front
+from tdsearch.search.store import SearchState, default_name, resolve_name
+from tdsearch.search.summary import SearchSummary, summarize
+from tdsearch.search.trial import TrialSettings, run_trial
+from tdsearch.spaces import SearchSpace, build_space
+from tdsearch.task import Task, load_task
+from tdsearch.tensor import LayerInfo
+from tdsearch.trainers import Trainer, make_trainer
+
+#: Process-wide settings for Ray Tune, set before it is imported: save the experiment state
+#: after every step (so a driver killed with SIGKILL loses no finished trial; the state is a
+#: few kB), and keep Tune's own console reporter quiet (tdsearch prints its own progress).
+RAY_ENVIRONMENT = {
+    "TUNE_GLOBAL_CHECKPOINT_S": "0",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    "RAY_AIR_NEW_OUTPUT": "0",
+}
+
+
+def trial_dirname(trial) -> str:
+    """``trial_0007_<id>``: Ray's default puts the whole config in the directory name, which
+    outgrows file-name limits on models with many layers."""
+    from tdsearch.mlflow.callback import trial_number
+
+    return f"trial_{trial_number(trial):04d}_{trial.trial_id}"
+
+
+@dataclass
+class SearchOutcome:
+    name: str
+    directory: Path
+    parent_run_id: str
+    tracking_uri: str
+    experiment: str
+    trials: pd.DataFrame
+    summary: SearchSummary
+    interrupted: bool = False
+
+
+def prepare(
+    config: SearchConfig, log: Callable[[str], None] = print
+) -> tuple[SearchConfig, str, bool, Tracker, SearchState | None]:
+    """Everything that can fail because of the user's input, before any compute: the name
+    (never an earlier search's), the stored config of a resumed search, the tracking store."""
+    storage = config.storage_path
+    base = default_name(config.model, config.dataset, config.method)
+    name, resuming = resolve_name(storage, config.name, base, config.resume)
+    state = None
+    if resuming:
+        state = SearchState.load(storage / name)
+        stored = SearchConfig.from_mapping(state.config)
+        # Settings that shape the search come from the stored config; where it runs may change.
+        config = dataclasses.replace(
+            stored, resume=True, name=name, address=config.address, storage=config.storage
+        )
+        tracker = Tracker(state.tracking_uri, stored.experiment)
+        log(f"resuming search {name} from {storage / name}")
+    else:
+        tracker = Tracker(config.tracking_uri, config.experiment)
+    tracker.connect()
+    return config, name, resuming, tracker, state
+
+
+def build_search_space(
+    config: SearchConfig, trainer: Trainer, layers: list[LayerInfo]
+) -> SearchSpace:
+    bounds = {k: (int(v[0]), int(v[1])) for k, v in config.rank_bounds.items()}
+    return build_space(
+        layers,
+        method=config.method,
+        conv_format=trainer.conv_format(config.format),
+        method_dims=trainer.search_dimensions(),
+        selects_ranks=trainer.selects_ranks,
+        include=config.layers,
+        exclude=config.exclude_layers,
+        rank_mode=config.rank_mode,
+        tie=config.tie,
+        min_fraction=config.min_rank_fraction,
+        tt_matrix_cores=config.tt_matrix_cores,
+        rank_bounds=bounds,
+    )
+
+
+def run_search(config: SearchConfig, log: Callable[[str], None] = print) -> SearchOutcome:
+    config, name, resuming, tracker, state = prepare(config, log)
+    trainer = make_trainer(config.method, config.options)
+    task = load_task(
+        config.task_spec(), cache_dir=Path(config.cache_dir) if config.cache_dir else None, log=log
+    )
+    space = build_search_space(config, trainer, task.layers)
+    directory = config.storage_path / name
+
+    for key, value in RAY_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    started_ray = _init_ray(config)
+    try:
+        if resuming:
+            parent_id = state.parent_run_id
+            closed = tracker.reopen_parent(parent_id)
+            if closed:
+                log(f"marked {closed} trial run(s) cut off by the interruption as KILLED")
+        else:
+            parent_id = _start_parent(tracker, config, name, space, task)
+            directory.mkdir(parents=True, exist_ok=True)
+            state = SearchState(
+                name, config.to_dict(), tracker.tracking_uri, tracker.experiment_id, parent_id
+            )
+            state.save(directory)
+        log(
+            f"search {name}: {config.budget} trials of {config.method} on {config.model} / "
+            f"{config.dataset}, {len(space.searched)} dimensions, concurrency "
+            f"{config.concurrency}"
+        )
+        tuner = _make_tuner(
+            config, trainer, task, space, tracker, parent_id, directory, resuming, log
+        )
+        start = time.monotonic()
+        grid = tuner.fit()
+        elapsed = time.monotonic() - start
+        ended = grid.num_terminated + grid.num_errors
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+    frame = tracker.trials_frame(parent_id)
+    all_failed = not frame.empty and not (frame["status"] == "FINISHED").any()
+    interrupted = ended < config.budget and not all_failed
+    summary = summarize(frame, config.objectives, task.baseline_metrics)
+    _finish_parent(tracker, parent_id, frame, summary, task, name, interrupted)
+    state.status = "interrupted" if interrupted else "finished"
+    state.save(directory)
+    outcome = SearchOutcome(
+        name,
+        directory,
+        parent_id,
+        tracker.tracking_uri,
+        config.experiment,
+        frame,
+        summary,
+        interrupted,
+    )
+    _print_summary(outcome, task, elapsed, log)
+    if not interrupted:
+        _raise_if_all_failed(frame)
+    return outcome
+
+
+def _init_ray(config: SearchConfig) -> bool:
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs = dict(
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=True,
+        logging_level=logging.ERROR,
+    )
+    if config.address:
+        try:
+            ray.init(address=config.address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise UserError(
+                f"cannot connect to the Ray cluster at {config.address}: {str(err).splitlines()[0]}"
+            ) from None
+    else:
+        # trials import the user's model module: give workers the driver's import path
+        paths = [os.getcwd(), *[p for p in sys.path if p]]
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}, **kwargs)
+    for noisy in ("ray", "ray.tune", "ray.train", "mlflow"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    return True
+
+
+def _start_parent(
+    tracker: Tracker, config: SearchConfig, name: str, space: SearchSpace, task: Task
+) -> str:
+    params = {
+        f"config.{k}": v
+        for k, v in config.to_dict().items()
+        if v not in (None, [], {}) and k not in ("resume",)
+    }
+    tags = {"method": config.method, "model": config.model, "dataset": config.dataset}
+    parent_id = tracker.start_parent(name, params, tags)
+    base = {f"baseline_{k}": v for k, v in task.baseline_metrics.items()}
+    tracker.log_metrics(parent_id, base, step=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        import yaml
+
+        Path(tmp, "search.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        Path(tmp, "space.txt").write_text(space.describe() + "\n")
+        tracker.log_artifacts(parent_id, Path(tmp), "config")
+    return parent_id
+
+
+def _make_tuner(
+    config: SearchConfig,
+    trainer: Trainer,
+    task: Task,
+    space: SearchSpace,
+    tracker: Tracker,
+    parent_id: str,
+    directory: Path,
+    resuming: bool,
+    log: Callable[[str], None],
+):
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tdsearch.mlflow.callback import MlflowTrialLogger
+    from tdsearch.search.early_stopping import FailureGuard, ParetoHalving
+    from tdsearch.search.progress import ProgressPrinter
+    from tdsearch.search.samplers import make_sampler
+
+    train = config.train_settings()
+    cpus = config.resolved_cpus_per_trial()
+    settings = TrialSettings(
+        config.method,
+        dict(config.options),
+        train,
+        config.seed,
+        threads=max(1, int(cpus)),
+        objectives=tuple(config.objectives),
+        latency_batch=config.latency_batch,
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, task=task, space=space, settings=settings),
+        {"cpu": cpus, "gpu": config.gpus_per_trial},
+    )
+    if resuming:
+        tuner = tune.Tuner.restore(
+            str(directory), trainable, resume_unfinished=True, resume_errored=True
+        )
+        _check_restored_searcher(tuner)
+        return tuner
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    columns = objective_columns(config.objectives)
+    searcher = OptunaSearch(
+        space=space.suggest,
+        metric=[c for c, _ in columns],
+        mode=[d for _, d in columns],
+        sampler=make_sampler(
+            config.sampler, config.seed, len(columns), config.budget, config.concurrency
+        ),
+        points_to_evaluate=_initial_points(space, config.initial_trials) or None,
+        seed=config.seed,
+    )
+    epochs = trainer.planned_epochs(train)
+    scheduler = None
+    if config.early_stopping == "pareto" and epochs > 1:
+        scheduler = ParetoHalving(columns, max_t=epochs)
+    elif config.early_stopping == "asha" and epochs > 1:
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(
+            metric="val_accuracy", mode="max", max_t=epochs, grace_period=1, reduction_factor=3
+        )
+    callbacks = [
+        MlflowTrialLogger(
+            tracker,
+            parent_id,
+            {"method": config.method, "model": config.model, "dataset": config.dataset},
+            frozenset(n for s in space.slots for n in s.dims),
+            ranks_known_at_start=not trainer.selects_ranks,
+            planned_epochs=epochs,
+        ),
+        ProgressPrinter(
+            config.budget, config.objectives, task.baseline_metrics["val_accuracy"], out=log
+        ),
+    ]
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=config.budget,
+            max_concurrent_trials=config.concurrency,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=directory.name,
+            storage_path=str(directory.parent),
+            callbacks=callbacks,
+            stop=FailureGuard(patience=min(3, config.budget)),
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+
+
+def _initial_points(space: SearchSpace, count: int) -> list[dict]:
+    """``count`` informed first trials: every rank at evenly spread fractions of its largest
+    useful rank (the uniform-rank practice), method dimensions at their midpoints."""
+    if count <= 0 or space.rank_mode == "none":
+        return []
+    fractions = [0.1 + 0.8 * k / max(1, count - 1) for k in range(count)] if count > 1 else [0.5]
+    return [space.uniform_config(f) for f in fractions]
+
+
+def _check_restored_searcher(tuner) -> None:
+    """Guard against a restore that silently swaps the Optuna searcher for Tune's default
+    random one (a past Ray bug): the search would then run fewer or unguided trials."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    internal = getattr(tuner, "_local_tuner", None)
+    search_alg = getattr(getattr(internal, "_tune_config", None), "search_alg", None)
+    inner = search_alg
+    while inner is not None and not isinstance(inner, OptunaSearch):
+        inner = getattr(inner, "searcher", None) or getattr(inner, "_searcher", None)
+    if not isinstance(inner, OptunaSearch):
+        raise RuntimeError(
+            f"restoring the search did not restore its Optuna searcher "
+            f"(got {type(search_alg).__name__}); refusing to continue unguided"
+        )
+
+
+def _finish_parent(
+    tracker: Tracker,
+    parent_id: str,
+    frame: pd.DataFrame,
+    summary: SearchSummary,
+    task: Task,
+    name: str,
+    interrupted: bool,
+) -> None:
+    from tdsearch.mlflow.artifacts import write_search_artifacts
+
+    front_ids = set(summary.front["run_id"]) if len(summary.front) else set()
+    for run_id in frame.get("run_id", []):
+        tracker.set_tags(run_id, {TAG_PARETO: "true" if run_id in front_ids else "false"})
+    tracker.log_metrics(parent_id, {k: v for k, v in summary.metrics.items() if v == v}, step=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_search_artifacts(
+            Path(tmp),
+            frame,
+            summary,
+            task.baseline_metrics,
+            f"{name}: {task.spec.model} on {task.spec.dataset}",
+        )
+        tracker.log_artifacts(parent_id, Path(tmp), "pareto")
+    tracker.finish(parent_id, "KILLED" if interrupted else "FINISHED")
+
+
+def _print_summary(
+    outcome: SearchOutcome, task: Task, elapsed: float, log: Callable[[str], None]
+) -> None:
+    m = task.baseline_metrics
+    s = outcome.summary.metrics
+    log("")
+    log(
+        f"search {outcome.name} {'interrupted' if outcome.interrupted else 'finished'} in "
+        f"{elapsed / 60:.1f} min: {int(s['trials_finished'])} trials finished, "
+        f"{int(s['trials_failed'])} failed"
+    )
+    log(
+        f"dense baseline: val {m['val_accuracy']:.4f}, test {m['test_accuracy']:.4f}, "
+        f"{int(m['params'])} params, {int(m['flops'])} MACs"
+    )
+    if len(outcome.summary.front):
+        log("Pareto front (validation accuracy vs params / MACs):")
+        log(format_front(outcome.summary.front, m["val_accuracy"]))
+        if outcome.summary.knee is not None:
+            log(
+                f"knee: trial {int(outcome.summary.knee['trial']):04d} "
+                f"(tdsearch export --name {outcome.name} --select knee)"
+            )
+    log(
+        f"MLflow: experiment {outcome.experiment!r} at {outcome.tracking_uri}, parent run "
+        f"{outcome.parent_run_id} (run `mlflow ui` here, or `tdsearch ui`)"
+    )
+    log(f"Ray Tune state: {outcome.directory}")
+    if outcome.interrupted:
+        log(f"resume with: tdsearch --resume --name {outcome.name}")
+
+
+def _raise_if_all_failed(frame: pd.DataFrame) -> None:
+    if frame.empty or "status" not in frame:
+        return
+    if (frame["status"] == "FINISHED").any():
+        return
+    failed = frame[frame["status"] == "FAILED"]
+    first = failed.iloc[0]["error"] if len(failed) else "unknown error"
+    raise SearchFailed(f"all {len(frame)} trials failed; the first error: {first}")
+
+
+class SearchFailed(RuntimeError):
+    """Every trial of the search failed (exit code 1, with the first error quoted)."""

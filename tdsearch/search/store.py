@@ -1,0 +1,103 @@
+"""Where a search lives on disk, and how a name maps to it.
+
+``<storage>/<name>/`` is Ray Tune's experiment directory; tdsearch adds ``tdsearch.json`` to it
+(the config, the MLflow parent run, the tracking URI), written atomically at the start and
+updated at the end. A new search never reuses the directory of an earlier one: a default name
+gets a numeric suffix, an explicit ``--name`` that exists is an error unless ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tdsearch.errors import UserError
+from tdsearch.utils import atomic_write_text
+
+STATE_FILE = "tdsearch.json"
+
+
+@dataclass
+class SearchState:
+    """What tdsearch needs to resume or export a search."""
+
+    name: str
+    config: dict[str, Any]
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    status: str = "running"
+
+    def save(self, directory: Path) -> None:
+        atomic_write_text(directory / STATE_FILE, json.dumps(self.__dict__, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> SearchState:
+        path = directory / STATE_FILE
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data)
+        except (OSError, ValueError, TypeError) as err:
+            raise UserError(
+                f"{path} is missing or unreadable ({err}); the search cannot be resumed"
+            ) from None
+
+
+def default_name(model: str, dataset: str, method: str) -> str:
+    base = f"{model.rsplit(':', 1)[-1]}-{dataset}-{method}"
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", base)
+
+
+def existing_searches(storage: Path) -> list[str]:
+    if not storage.is_dir():
+        return []
+    return sorted(p.name for p in storage.iterdir() if (p / STATE_FILE).is_file())
+
+
+def resolve_name(storage: Path, name: str | None, base: str, resume: bool) -> tuple[str, bool]:
+    """(name, resuming) for a new search or a resume.
+
+    Resume without a name continues the newest search of the default ``base`` name
+    (``base``, ``base-2``, ...).
+    """
+    taken = set(existing_searches(storage)) | (
+        {p.name for p in storage.iterdir() if p.is_dir()} if storage.is_dir() else set()
+    )
+    if resume:
+        if name is None:
+            candidates = [
+                n
+                for n in taken
+                if re.fullmatch(re.escape(base) + r"(-\d+)?", n)
+                and (storage / n / STATE_FILE).is_file()
+            ]
+            if not candidates:
+                raise UserError(f"nothing to resume: no search named {base}[-N] in {storage}")
+            name = max(
+                candidates,
+                key=lambda n: (
+                    int(n.rsplit("-", 1)[1]) if re.fullmatch(re.escape(base) + r"-\d+", n) else 1
+                ),
+            )
+        if not (storage / name / STATE_FILE).is_file():
+            known = ", ".join(existing_searches(storage)) or "none"
+            raise UserError(
+                f"no search named {name!r} to resume in {storage} (searches there: {known})"
+            )
+        return name, True
+    if name is not None:
+        if name in taken:
+            raise UserError(
+                f"a search named {name!r} already exists in {storage}; pass "
+                "--resume to continue it or choose another --name"
+            )
+        return name, False
+    if base not in taken:
+        return base, False
+    k = 2
+    while f"{base}-{k}" in taken:
+        k += 1
+    return f"{base}-{k}", False

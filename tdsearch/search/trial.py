@@ -1,0 +1,124 @@
+"""One trial, as it runs in a Ray worker: build the trainer, train, report every epoch.
+
+Failures the trial itself can see (an exception, an out-of-memory error, a NaN / inf loss) are
+reported as a last result with ``failed = 1`` and NaN objectives instead of being raised: Optuna
+then records the trial as FAIL (a NaN objective is not acceptable to it), it stays off the
+Pareto front, its MLflow run is marked FAILED with the error text, and Ray does not retry a
+deterministic failure. Only the death of the worker process itself reaches Ray, which retries
+the trial up to ``--max-failures`` times.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from ray import tune
+from torch import nn
+
+from tdsearch.checkpoint import save_compressed
+from tdsearch.spaces import SearchSpace
+from tdsearch.task import Task
+from tdsearch.tensor import RankTable, measure_latency, table_of
+from tdsearch.trainers import TrialSpec, make_trainer
+from tdsearch.training import TrainSettings, default_device, evaluate, seed_everything
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """What every trial of a search shares (beyond the task and the space)."""
+
+    method: str
+    options: dict
+    train: TrainSettings
+    seed: int = 0
+    threads: int = 1
+    objectives: tuple[str, ...] = ("accuracy", "params", "flops")
+    latency_batch: int = 1
+
+
+class TuneReporter:
+    """The :class:`~tdsearch.trainers.Reporter` of a trial under Ray Tune.
+
+    Adds the rank table in effect (and, on the last epoch, the test accuracy) to the metrics,
+    measures latency when it is an objective, and checkpoints the compact model whenever the
+    trainer hands one over, so even a trial stopped early leaves a loadable model behind.
+    """
+
+    def __init__(self, task: Task, settings: TrialSettings, target: RankTable):
+        self.task = task
+        self.settings = settings
+        self.target = target
+        self.device = default_device()
+
+    def __call__(
+        self, metrics: dict[str, float], model: nn.Module | None, *, final: bool = False
+    ) -> None:
+        table = table_of(model) if model is not None else RankTable()
+        table = table if len(table) else self.target
+        result = {**metrics, "rank_table": json.dumps(table.to_dict())}
+        if model is not None and "latency" in self.settings.objectives:
+            result["latency_ms"] = measure_latency(
+                model,
+                self.task.input_shape,
+                batch_size=self.settings.latency_batch,
+                device=self.device,
+            )
+        if final and model is not None:
+            result["test_accuracy"], _ = evaluate(
+                model, self.task.data, self.task.data.test, device=self.device
+            )
+        if model is None:
+            tune.report(result)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_compressed(
+                Path(tmp) / "model.pt",
+                model,
+                table,
+                model_spec=self.task.spec.model,
+                input_shape=self.task.input_shape,
+                num_classes=self.task.num_classes,
+                metrics={k: v for k, v in result.items() if isinstance(v, int | float)},
+            )
+            table.save(Path(tmp) / "rank_table.yaml")
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+    def fail(self, error: BaseException) -> None:
+        text = f"{type(error).__name__}: {error}".splitlines()[0][:1000]
+        nan = math.nan
+        tune.report(
+            {
+                "val_accuracy": nan,
+                "params": nan,
+                "flops": nan,
+                "latency_ms": nan,
+                "failed": 1,
+                "error": text,
+                "rank_table": json.dumps(self.target.to_dict()),
+            }
+        )
+
+
+def run_trial(config: dict, *, task: Task, space: SearchSpace, settings: TrialSettings) -> None:
+    """The Ray Tune function trainable of every search."""
+    torch.set_num_threads(max(1, settings.threads))
+    table = space.rank_table(config)
+    reporter = TuneReporter(task, settings, table)
+    try:
+        seed_everything(settings.seed)
+        trainer = make_trainer(settings.method, settings.options)
+        trial = TrialSpec(
+            table, space.hyperparameters(config), settings.train, settings.seed, reporter.device
+        )
+        trainer.run(task, trial, reporter)
+    except Exception as err:
+        if type(err).__module__.startswith("ray."):
+            raise  # Ray's own control flow (e.g. the trial being stopped) is not a failure
+        traceback.print_exc()
+        reporter.fail(err)

@@ -1,0 +1,161 @@
+"""Search spaces built from a model's own layers: per-layer TT / Tucker-2 / SVD ranks (as
+integers or as fractions of each layer's largest useful rank, optionally tied within a residual
+block or stage) plus the method's own hyper-parameters (ρ, κ, π, α, ...)."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+
+from tdsearch.errors import UserError
+from tdsearch.spaces.layers import TIE_MODES, default_layers, select_layers, tie_group
+from tdsearch.spaces.space import (
+    RANK_MODES,
+    Dimension,
+    LayerSlot,
+    SearchSpace,
+    group_dims,
+    rank_dimension,
+)
+from tdsearch.tensor import (
+    LayerInfo,
+    largest_compressing_rank,
+    make_spec,
+    rank_count,
+    rank_limits,
+)
+
+#: The format a linear layer takes when convs take the given one.
+LINEAR_FORMAT = {"tt": "tt-matrix", "tt-matrix": "tt-matrix", "tucker2": "svd", "svd": "svd"}
+CONV_FORMATS = tuple(LINEAR_FORMAT)
+
+
+def layer_format(kind: str, conv_format: str) -> str:
+    return conv_format if kind == "conv" else LINEAR_FORMAT[conv_format]
+
+
+def build_space(
+    infos: Sequence[LayerInfo],
+    *,
+    method: str,
+    conv_format: str = "tt",
+    method_dims: Sequence[Dimension] = (),
+    selects_ranks: bool = False,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    rank_mode: str = "fraction",
+    tie: str = "none",
+    min_fraction: float = 0.05,
+    tt_matrix_cores: int = 3,
+    rank_bounds: Mapping[str, tuple[int, int]] | None = None,
+) -> SearchSpace:
+    """The search space of one search.
+
+    Args:
+        infos: the model's decomposable layers (``tensor.decomposable_layers``).
+        method: the trainer's name (recorded in the space).
+        conv_format: format of conv layers; linear layers take :data:`LINEAR_FORMAT` of it.
+        method_dims: the trainer's own dimensions (ρ, κ, ...).
+        selects_ranks: the trainer picks ranks during training (MARS, adaptive Tucker): the
+            layers get no rank dimensions and start from their largest useful ranks.
+        include, exclude: layer names or globs (default: all but first conv and last linear).
+        rank_mode: ``fraction`` or ``int``.
+        tie: ``none``, ``block`` or ``stage``: layers of a residual block / stage share ranks.
+        min_fraction: lower end of the fraction dimensions.
+        tt_matrix_cores: cores of the default TT-matrix factorisation.
+        rank_bounds: layer name or glob -> (low, high) rank bounds; checked against what
+            each layer can hold, so an impossible rank fails here, before any trial.
+    """
+    if conv_format not in CONV_FORMATS:
+        raise UserError(f"unknown format {conv_format!r}; choose one of {', '.join(CONV_FORMATS)}")
+    if rank_mode not in RANK_MODES:
+        raise UserError(f"rank mode must be one of {', '.join(RANK_MODES)}, got {rank_mode!r}")
+    if tie not in TIE_MODES:
+        raise UserError(f"tie must be one of {', '.join(TIE_MODES)}, got {tie!r}")
+    if not 0 < min_fraction <= 1:
+        raise UserError(f"min rank fraction must be in (0, 1], got {min_fraction}")
+    if tt_matrix_cores < 1:
+        raise UserError(f"tt-matrix cores must be >= 1, got {tt_matrix_cores}")
+    chosen = select_layers(infos, include, exclude)
+    bounds = _resolve_bounds(chosen, rank_bounds or {})
+
+    templates, uppers, lowers, counts, groups = [], [], [], [], []
+    for info in chosen:
+        template = make_spec(info, layer_format(info.kind, conv_format), cores=tt_matrix_cores)
+        limits = rank_limits(info, template)
+        useful = max(1, largest_compressing_rank(info, template))
+        low, high = bounds.get(info.name, (1, None))
+        for r in (low, high):
+            if r is not None and r > max(limits):
+                raise UserError(
+                    f"rank bound {r} for layer {info.name} exceeds what its "
+                    f"{'x'.join(map(str, info.weight_shape))} weight can hold in "
+                    f"{template.format} (at most {'x'.join(map(str, limits))})"
+                )
+        upper = tuple(min(m, high if high is not None else useful) for m in limits)
+        templates.append(template)
+        uppers.append(upper)
+        lowers.append(low)
+        counts.append(rank_count(info, template))
+        groups.append(f"{tie_group(info.name, tie)}" if tie != "none" else info.name)
+
+    dims: dict[str, Dimension] = {}
+    slots = []
+    names_per_layer = group_dims(groups, counts) if not selects_ranks else [()] * len(chosen)
+    for info, template, upper, low, names in zip(
+        chosen, templates, uppers, lowers, names_per_layer, strict=True
+    ):
+        for name, u in zip(names, upper, strict=False):
+            dim = rank_dimension(name, u, rank_mode, min_fraction)
+            if rank_mode == "int":
+                previous = dims.get(name)
+                high = max(u, int(previous.high) if previous else 0)
+                dim = Dimension(name, "int", min(low, high), high, log=True, help="rank")
+            elif low > 1:
+                dim = Dimension(name, "float", min(1.0, low / u), 1.0, help=dim.help)
+            dims[name] = dim
+        slots.append(LayerSlot(info, template, names, upper))
+
+    for dim in method_dims:
+        if dim.name in dims:
+            raise ValueError(f"method dimension {dim.name!r} clashes with a rank dimension")
+        dims[dim.name] = dim
+    return SearchSpace(
+        method, "none" if selects_ranks else rank_mode, tuple(slots), tuple(dims.values())
+    )
+
+
+def _resolve_bounds(
+    chosen: Sequence[LayerInfo], bounds: Mapping[str, tuple[int, int]]
+) -> dict[str, tuple[int, int]]:
+    resolved: dict[str, tuple[int, int]] = {}
+    names = [i.name for i in chosen]
+    for pattern, (low, high) in bounds.items():
+        if not 1 <= low <= high:
+            raise UserError(
+                f"rank bounds for {pattern!r} must satisfy 1 <= low <= high, got {low}:{high}"
+            )
+        matched = fnmatch.filter(names, pattern)
+        if not matched:
+            raise UserError(
+                f"rank bounds name {pattern!r}, which matches no searched layer; "
+                f"searched layers are: {', '.join(names)}"
+            )
+        for name in matched:
+            resolved[name] = (low, high)
+    return resolved
+
+
+__all__ = [
+    "CONV_FORMATS",
+    "LINEAR_FORMAT",
+    "RANK_MODES",
+    "TIE_MODES",
+    "Dimension",
+    "LayerSlot",
+    "SearchSpace",
+    "build_space",
+    "default_layers",
+    "layer_format",
+    "select_layers",
+]

@@ -1,0 +1,224 @@
+"""A search space is data: named dimensions plus how they map onto a rank table.
+
+It is built once per search from the model's own layers, printed by ``tdsearch space``, logged
+with the search, and turned into Optuna suggestions by :meth:`SearchSpace.suggest`
+(define-by-run, so conditional dimensions are plain ``if`` statements).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from tdsearch.tensor import LayerInfo, LayerRanks, RankTable, feasible_ranks
+
+RANK_MODES = ("fraction", "int")
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One search dimension: ``int`` / ``float`` in [low, high] (optionally log-scaled) or
+    ``categorical`` over ``choices``."""
+
+    name: str
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple = ()
+    help: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("int", "float", "categorical"):
+            raise ValueError(f"dimension {self.name}: unknown kind {self.kind!r}")
+        if self.kind == "categorical":
+            if not self.choices:
+                raise ValueError(f"dimension {self.name}: a categorical needs choices")
+            return
+        if self.low is None or self.high is None or self.low > self.high:
+            raise ValueError(
+                f"dimension {self.name}: need low <= high, got [{self.low}, {self.high}]"
+            )
+        if self.log and self.low <= 0:
+            raise ValueError(f"dimension {self.name}: a log scale needs low > 0, got {self.low}")
+
+    @property
+    def fixed(self) -> bool:
+        """A dimension with one possible value (low == high) is a setting, not a search axis."""
+        return self.kind != "categorical" and self.low == self.high
+
+    def suggest(self, trial) -> object:
+        """Ask an ``optuna.Trial`` for a value."""
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log)
+
+    def describe(self) -> str:
+        if self.kind == "categorical":
+            return "{" + ", ".join(map(str, self.choices)) + "}"
+        scale = " log" if self.log else ""
+        return f"{self.kind}{scale} [{_short(self.low)}, {_short(self.high)}]"
+
+    def to_dict(self) -> dict:
+        out = {"name": self.name, "kind": self.kind}
+        if self.kind == "categorical":
+            out["choices"] = list(self.choices)
+        else:
+            out.update(low=self.low, high=self.high, log=self.log)
+        return out
+
+
+def _short(value: float | None) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@dataclass(frozen=True)
+class LayerSlot:
+    """A searched layer: its format template (modes, no ranks), one dimension name per rank
+    position (shared by the layers of a tie group) and the largest useful rank per position."""
+
+    info: LayerInfo
+    template: LayerRanks
+    dims: tuple[str, ...]
+    upper: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Rank dimensions over the searched layers plus the method's own dimensions.
+
+    ``rank_mode`` is ``fraction`` (a rank is a fraction of the layer's largest useful rank),
+    ``int`` (the rank itself), or ``none`` for in-loop selectors, whose layers keep the ranks
+    given in ``slots`` as starting ranks and are not searched.
+    """
+
+    method: str
+    rank_mode: str
+    slots: tuple[LayerSlot, ...]
+    dimensions: tuple[Dimension, ...]
+    fixed: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def searched(self) -> tuple[Dimension, ...]:
+        return tuple(d for d in self.dimensions if not d.fixed)
+
+    def suggest(self, trial) -> dict[str, object]:
+        """Define-by-run hook for ``OptunaSearch``: suggest every searched dimension; returns
+        the fixed values (they reach the trial's config without being sampled)."""
+        for dim in self.searched:
+            dim.suggest(trial)
+        return {**{d.name: d.low for d in self.dimensions if d.fixed}, **self.fixed}
+
+    def rank_table(self, config: Mapping[str, object]) -> RankTable:
+        """The rank table a trial's config stands for (rank positions capped to feasibility)."""
+        layers = []
+        for slot in self.slots:
+            if self.rank_mode == "none":
+                ranks = slot.upper
+            else:
+                raw = [config[name] for name in slot.dims]
+                if self.rank_mode == "fraction":
+                    ranks = [
+                        max(1, math.ceil(float(f) * u))
+                        for f, u in zip(raw, slot.upper, strict=True)
+                    ]
+                else:
+                    ranks = [min(int(r), u) for r, u in zip(raw, slot.upper, strict=True)]
+            ranks = feasible_ranks(slot.info, slot.template, ranks)
+            layers.append(
+                (slot.info.name, LayerRanks(slot.template.format, ranks, slot.template.modes))
+            )
+        return RankTable(layers)
+
+    def hyperparameters(self, config: Mapping[str, object]) -> dict[str, object]:
+        """The method's own values of a trial's config (everything that is not a rank)."""
+        rank_dims = {name for slot in self.slots for name in slot.dims}
+        return {k: v for k, v in config.items() if k not in rank_dims}
+
+    def uniform_config(self, fraction: float) -> dict[str, object]:
+        """A config with every rank at ``fraction`` of its upper bound and every method
+        dimension at its midpoint (geometric for log scales): the informed starting points."""
+        config: dict[str, object] = {}
+        for slot in self.slots:
+            for name, upper in zip(slot.dims, slot.upper, strict=True):
+                if self.rank_mode == "fraction":
+                    config[name] = fraction
+                elif self.rank_mode == "int":
+                    config[name] = max(1, round(fraction * upper))
+        rank_dims = set(config)
+        for dim in self.searched:
+            if dim.name in rank_dims:
+                continue
+            if dim.kind == "categorical":
+                config[dim.name] = dim.choices[0]
+            elif dim.log:
+                mid = math.sqrt(dim.low * dim.high)
+                config[dim.name] = round(mid) if dim.kind == "int" else mid
+            else:
+                mid = (dim.low + dim.high) / 2
+                config[dim.name] = round(mid) if dim.kind == "int" else mid
+        return config
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "rank_mode": self.rank_mode,
+            "layers": [
+                {
+                    "layer": s.info.name,
+                    "format": s.template.format,
+                    "dims": list(s.dims),
+                    "upper": list(s.upper),
+                }
+                for s in self.slots
+            ],
+            "dimensions": [d.to_dict() for d in self.dimensions],
+        }
+
+    def describe(self) -> str:
+        """Human-readable listing, as printed by ``tdsearch space``."""
+        from tdsearch.utils import format_table
+
+        lines = [
+            f"search space of method {self.method} ({len(self.searched)} searched "
+            f"dimensions, ranks as {self.rank_mode})"
+        ]
+        rows = []
+        for slot in self.slots:
+            shape = "x".join(map(str, slot.info.weight_shape))
+            dims = ", ".join(slot.dims) if slot.dims else "(chosen during training)"
+            rows.append(
+                [slot.info.name, shape, slot.template.format, "x".join(map(str, slot.upper)), dims]
+            )
+        lines.append(format_table(rows, ["layer", "weight", "format", "max ranks", "dimensions"]))
+        if self.dimensions:
+            lines.append("")
+            lines.append(
+                format_table(
+                    [
+                        [d.name, d.describe() if not d.fixed else f"fixed {_short(d.low)}", d.help]
+                        for d in self.dimensions
+                    ],
+                    ["dimension", "range", "meaning"],
+                )
+            )
+        return "\n".join(lines)
+
+
+def rank_dimension(name: str, upper: int, mode: str, min_fraction: float) -> Dimension:
+    if mode == "fraction":
+        return Dimension(
+            name, "float", min_fraction, 1.0, help="fraction of the largest useful rank"
+        )
+    return Dimension(name, "int", 1, max(1, upper), log=True, help="rank")
+
+
+def group_dims(groups: Sequence[str], rank_counts: Sequence[int]) -> list[tuple[str, ...]]:
+    """Dimension names per layer: layers of one tie group share them."""
+    return [
+        tuple(f"rank.{g}.{k + 1}" for k in range(n))
+        for g, n in zip(groups, rank_counts, strict=True)
+    ]

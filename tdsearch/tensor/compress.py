@@ -1,0 +1,262 @@
+"""Which layers of a model can be decomposed, what ranks they can take, and ``compress``."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from tdsearch.tensor.counting import count_flops_by_layer
+from tdsearch.tensor.decompose import balanced_factors
+from tdsearch.tensor.layers import FactorizedLayer, class_for, layer_kind
+from tdsearch.tensor.layers._base import clamp_tt_ranks
+from tdsearch.tensor.rank_table import LayerRanks, RankTable
+
+#: Cores of a default TT-matrix factorisation (Garipov et al. use 3-4 for FC layers).
+DEFAULT_TT_MATRIX_CORES = 3
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A layer ``compress`` can replace: name, kind ("conv" / "linear"), weight shape,
+    parameters (weight and bias), MACs per input image, and the number of positions (pixels;
+    1 for a linear layer on a vector) it reads and writes per input image."""
+
+    name: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    params: int
+    macs: int
+    positions_in: int = 1
+    positions_out: int = 1
+
+    @property
+    def weight_count(self) -> int:
+        return math.prod(self.weight_shape)
+
+
+def decomposable_layers(model: nn.Module, input_shape: Sequence[int]) -> list[LayerInfo]:
+    """Every ``nn.Conv2d`` (groups 1, zero padding) and ``nn.Linear`` of ``model``, in order."""
+    candidates = {name: m for name, m in model.named_modules() if layer_kind(m) is not None}
+    positions: dict[str, tuple[int, int]] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, inputs, output) -> None:
+            x = inputs[0]
+            positions[name] = (
+                x.numel() // (x.shape[0] * module.weight.shape[1]),
+                output.numel() // (output.shape[0] * module.weight.shape[0]),
+            )
+
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in candidates.items()]
+    try:
+        macs = count_flops_by_layer(model, input_shape)
+    finally:
+        for handle in handles:
+            handle.remove()
+    layers = []
+    for name, module in candidates.items():
+        params = sum(p.numel() for p in module.parameters(recurse=False))
+        p_in, p_out = positions.get(name, (1, 1))
+        layers.append(
+            LayerInfo(
+                name,
+                layer_kind(module),
+                tuple(module.weight.shape),
+                params,
+                macs.get(name, 0),
+                p_in,
+                p_out,
+            )
+        )
+    return layers
+
+
+def make_spec(
+    info: LayerInfo,
+    format: str,
+    ranks: Sequence[int] = (),
+    *,
+    cores: int = DEFAULT_TT_MATRIX_CORES,
+    kappa: int | None = None,
+    modes: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+) -> LayerRanks:
+    """A :class:`LayerRanks` for ``info``; for tt-matrix the modes default to a balanced
+    ``cores``-way factorisation of the layer's output and input sizes."""
+    if format == "tt-matrix" and modes is None:
+        modes = (
+            balanced_factors(info.weight_shape[0], cores),
+            balanced_factors(info.weight_shape[1], cores),
+        )
+    return LayerRanks(format, tuple(ranks), modes, kappa)
+
+
+def rank_count(info: LayerInfo, spec: LayerRanks) -> int:
+    """How many inner ranks ``spec``'s format has on this layer."""
+    if spec.format == "tt-matrix":
+        d = len(spec.modes[0])
+        return d if info.kind == "conv" else d - 1
+    return {"tt": 2, "tucker2": 2, "svd": 1, "dense": 0}[spec.format]
+
+
+def tt_mode_sizes(info: LayerInfo, spec: LayerRanks) -> tuple[int, ...] | None:
+    """Mode sizes of the tensor a TT format decomposes (None for non-TT formats)."""
+    shape = info.weight_shape
+    if spec.format == "tt":
+        return shape[0], shape[2] * shape[3], shape[1]
+    if spec.format == "tt-matrix":
+        pairs = tuple(o * i for o, i in zip(*spec.modes, strict=True))
+        return (shape[2] * shape[3], *pairs) if info.kind == "conv" else pairs
+    return None
+
+
+def rank_limits(info: LayerInfo, spec: LayerRanks) -> tuple[int, ...]:
+    """Per rank position, the full (non-redundant) rank of this layer in ``spec``'s format."""
+    return class_for(spec, info.kind).rank_limits(info.weight_shape, spec)
+
+
+def feasible_ranks(info: LayerInfo, spec: LayerRanks, ranks: Sequence[int]) -> tuple[int, ...]:
+    """``ranks`` capped by the full ranks and, for TT formats, by the TT rank conditions."""
+    limits = rank_limits(info, spec)
+    capped = tuple(max(1, min(int(r), m)) for r, m in zip(ranks, limits, strict=True))
+    sizes = tt_mode_sizes(info, spec)
+    return clamp_tt_ranks(sizes, capped) if sizes else capped
+
+
+def factorized_weight_params(info: LayerInfo, spec: LayerRanks) -> int:
+    return class_for(spec, info.kind).weight_params(info.weight_shape, spec)
+
+
+def factorized_weight_macs(info: LayerInfo, spec: LayerRanks) -> int:
+    return class_for(spec, info.kind).weight_macs(
+        info.weight_shape, spec, info.positions_in, info.positions_out
+    )
+
+
+def largest_compressing_rank(info: LayerInfo, spec: LayerRanks) -> int:
+    """The largest r such that all ranks = r (capped where the layer cannot hold r) gives fewer
+    weights than the dense layer and no more MACs; 0 if even rank 1 does not.
+
+    The MAC condition matters for TT-matrix layers, whose contraction grows with the square of
+    the ranks: at the rank where fc1 of LeNet-5 stops saving weights (97), it costs about 30
+    times the dense layer's MACs. Such a rank never helps a user who wants a smaller, faster
+    model.
+    """
+    n = rank_count(info, spec)
+    dense_macs = info.weight_count * info.positions_out
+    best = 0
+    for r in range(1, max(rank_limits(info, spec)) + 1):
+        trial = LayerRanks(spec.format, feasible_ranks(info, spec, [r] * n), spec.modes, spec.kappa)
+        if (
+            factorized_weight_params(info, trial) >= info.weight_count
+            or factorized_weight_macs(info, trial) > dense_macs
+        ):
+            break
+        best = r
+    return best
+
+
+def check_spec(info: LayerInfo, spec: LayerRanks) -> None:
+    """Raise ``ValueError`` with a sentence if ``spec`` cannot be applied to this layer."""
+    if spec.format == "dense":
+        return
+    class_for(spec, info.kind)
+    if spec.format == "tt-matrix":
+        out, inp = spec.modes
+        if math.prod(out) != info.weight_shape[0] or math.prod(inp) != info.weight_shape[1]:
+            raise ValueError(
+                f"modes {list(out)} x {list(inp)} do not multiply to the layer's "
+                f"{info.weight_shape[0]} outputs and {info.weight_shape[1]} inputs"
+            )
+    expected = rank_count(info, spec)
+    if len(spec.ranks) != expected:
+        raise ValueError(
+            f"{spec.format} on a {info.kind} layer takes {expected} rank(s), got {len(spec.ranks)}"
+        )
+    limits = rank_limits(info, spec)
+    for r, m in zip(spec.ranks, limits, strict=True):
+        if r > m:
+            raise ValueError(
+                f"ranks {list(spec.ranks)} exceed what a {info.weight_shape} layer "
+                f"can hold in {spec.format} (at most {list(limits)})"
+            )
+    feasible = feasible_ranks(info, spec, spec.ranks)
+    if feasible != spec.ranks:
+        raise ValueError(
+            f"TT ranks {list(spec.ranks)} are inconsistent (r_k <= r_(k-1) n_k and "
+            f"r_k <= n_(k+1) r_(k+1)); the nearest valid ranks are {list(feasible)}"
+        )
+    if spec.kappa is not None and spec.kappa > info.weight_shape[0]:
+        raise ValueError(f"kappa {spec.kappa} exceeds the layer's {info.weight_shape[0]} filters")
+
+
+def check_table(model: nn.Module, table: RankTable) -> dict[str, LayerInfo]:
+    """Check every entry of ``table`` against ``model``; return the infos of the named layers."""
+    infos = {}
+    for name, spec in table.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"layer {name!r} is not in the model") from None
+        kind = layer_kind(module)
+        if kind is None:
+            raise ValueError(
+                f"layer {name!r} ({type(module).__name__}) cannot be decomposed; "
+                "only Conv2d (groups=1) and Linear layers can"
+            )
+        info = LayerInfo(name, kind, tuple(module.weight.shape), 0, 0)
+        try:
+            check_spec(info, spec)
+        except ValueError as err:
+            raise ValueError(f"layer {name!r}: {err}") from None
+        infos[name] = info
+    return infos
+
+
+def compress(model: nn.Module, table: RankTable, *, init: bool = True) -> nn.Module:
+    """A copy of ``model`` with each layer of ``table`` replaced by its factorized form.
+
+    Args:
+        model: the (trained) model; it is not modified.
+        table: layer name -> format and ranks.
+        init: decompose the trained weights (True) or only build the shapes (False, e.g. before
+            loading a checkpoint of an already compressed model).
+    """
+    check_table(model, table)
+    out = copy.deepcopy(model)
+    for name, spec in table.items():
+        if spec.format == "dense":
+            continue
+        layer = out.get_submodule(name)
+        new = class_for(spec, layer_kind(layer)).from_dense(layer, spec, init=init)
+        new.train(layer.training)
+        _set_submodule(out, name, new)
+    return out
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def table_of(model: nn.Module) -> RankTable:
+    """The rank table a compressed model realises (its factorized layers, in order)."""
+    return RankTable(
+        (name, module.layer_ranks())
+        for name, module in model.named_modules()
+        if isinstance(module, FactorizedLayer) and not _inside_factorized(model, name)
+    )
+
+
+def _inside_factorized(model: nn.Module, name: str) -> bool:
+    parts = name.split(".")
+    return any(
+        isinstance(model.get_submodule(".".join(parts[:k])), FactorizedLayer)
+        for k in range(1, len(parts))
+    )

@@ -1,0 +1,85 @@
+"""Parameters and FLOPs of any model.
+
+FLOPs are counted by ``torch.utils.flop_counter`` on one forward pass of a single input and
+reported as multiply-accumulates (MACs): one multiply-add is one FLOP, the convention of the
+ADMM-TT, CEPD and MARS papers (ResNet-20 at 32x32 is 41M). Only matrix products and convolutions
+count; batch-norm, activations, pooling and additions do not, as in those papers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (buffers such as batch-norm statistics excluded)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _counted(model: nn.Module, input_shape: Sequence[int]) -> FlopCounterMode:
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, *input_shape, device=device, dtype=dtype))
+    finally:
+        model.train(was_training)
+    return counter
+
+
+def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """Multiply-accumulates of one forward pass on one input of shape (C, H, W)."""
+    return _counted(model, input_shape).get_total_flops() // 2
+
+
+def count_flops_by_layer(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
+    """MACs per submodule, keyed by its qualified name (``layer1.0.conv1``)."""
+    counts = _counted(model, input_shape).get_flop_counts()
+    root = type(model).__name__
+    out = {}
+    for key, ops in counts.items():
+        if key.startswith(root + "."):
+            out[key[len(root) + 1 :]] = sum(ops.values()) // 2
+    return out
+
+
+def measure_latency(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    batch_size: int = 1,
+    repeats: int = 30,
+    warmup: int = 5,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Median wall time in milliseconds of one inference forward pass on ``batch_size`` inputs.
+
+    The median of repeated runs after a warm-up, in inference mode: robust to the odd slow run on
+    a shared machine. Compare formats by ratios measured in one process, not by absolute times.
+    """
+    import time
+
+    was_training = model.training
+    model.eval()
+    x = torch.randn(batch_size, *input_shape, device=device)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            if str(device).startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(x)
+            if str(device).startswith("cuda"):
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    model.train(was_training)
+    times.sort()
+    return 1000.0 * times[len(times) // 2]
