@@ -96,6 +96,7 @@ class Tracker:
         The first use of a new SQLite file creates its tables; two searches starting at once
         would race on that, so the creation runs under a file lock beside the database.
         """
+        self._check_server()
         lock = self._sqlite_lock()
         try:
             if lock is not None:
@@ -111,6 +112,23 @@ class Tracker:
             raise UserError(
                 f"cannot reach the MLflow tracking store {self.tracking_uri}: "
                 f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            ) from None
+
+    def _check_server(self, timeout: float = 5.0) -> None:
+        """A tracking server must answer its health check within seconds; MLflow's own client
+        would retry a dead address with backoff for minutes before failing."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return
+        import requests
+
+        try:
+            requests.get(self.tracking_uri.rstrip("/") + "/health", timeout=timeout)
+        except requests.RequestException as err:
+            reason = type(err).__name__
+            if isinstance(err, requests.ConnectionError):
+                reason = "connection refused or host unreachable"
+            raise UserError(
+                f"cannot reach the MLflow tracking store {self.tracking_uri} ({reason})"
             ) from None
 
     def _sqlite_lock(self) -> FileLock | None:

@@ -1,0 +1,67 @@
+"""Shared fixtures: small real tasks with trained baselines, and a reporter that records."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tdsearch.task import Task, TaskSpec, load_task
+from tdsearch.training import TrainSettings
+
+# Keep test runs off the user's cache and quiet about it.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """A baseline cache private to this test session."""
+    return tmp_path_factory.mktemp("tdsearch-cache")
+
+
+def _task(cache_dir: Path, dataset: str, epochs: int, max_train: int | None) -> Task:
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    spec = TaskSpec(
+        model="lenet5",
+        dataset=dataset,
+        seed=0,
+        baseline=TrainSettings(epochs=epochs, lr=2e-3),
+        max_train_samples=max_train,
+    )
+    return load_task(spec, cache_dir=cache_dir, log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def digits_task(cache_dir) -> Task:
+    """LeNet-5 trained on scikit-learn's digits (about 95% validation accuracy, ~10 s)."""
+    return _task(cache_dir, "digits", 15, None)
+
+
+@pytest.fixture(scope="session")
+def fmnist_task(cache_dir) -> Task:
+    """LeNet-5 trained on 6,000 Fashion-MNIST images for 4 epochs (about 84% validation
+    accuracy): a real model on real data that trains in seconds."""
+    return _task(cache_dir, "fashion-mnist", 4, 6000)
+
+
+@dataclass
+class RecordingReporter:
+    """A :class:`tdsearch.trainers.Reporter` that keeps every report for assertions."""
+
+    reports: list[dict] = field(default_factory=list)
+    models: list[nn.Module | None] = field(default_factory=list)
+    finals: list[bool] = field(default_factory=list)
+
+    def __call__(self, metrics: dict, model: nn.Module | None, *, final: bool = False) -> None:
+        self.reports.append(dict(metrics))
+        self.models.append(model)
+        self.finals.append(final)
+
+
+@pytest.fixture
+def reporter() -> RecordingReporter:
+    return RecordingReporter()

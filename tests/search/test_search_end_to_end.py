@@ -1,0 +1,174 @@
+"""A real search, as a user runs it: Ray Tune + Optuna trials, MLflow runs, Pareto artifacts,
+export of a rank table and a checkpoint that reload to what the trial reported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+import tdsearch
+from tdsearch.config import SearchConfig
+from tdsearch.task import load_task
+from tdsearch.tensor import RankTable, compress, count_params
+from tdsearch.training import evaluate
+
+BUDGET = 4
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tdsearch", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory):
+    """One 4-trial search on digits (one epoch per trial) in a fresh directory."""
+    root = tmp_path_factory.mktemp("search")
+    args = [
+        "--dataset",
+        "digits",
+        "--budget",
+        str(BUDGET),
+        "--epochs",
+        "2",
+        "--baseline-epochs",
+        "8",
+        "--cache-dir",
+        str(root / "cache"),
+        "--name",
+        "e2e",
+    ]
+    result = run(*args, cwd=root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("tdsearch")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parent = next(r for r in runs if r.data.tags.get("tdsearch.role") == "search")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    config = SearchConfig.from_sources(
+        None, {"dataset": "digits", "baseline_epochs": 8, "cache_dir": str(root / "cache")}
+    )
+    return {
+        "root": root,
+        "stdout": result.stdout,
+        "client": client,
+        "parent": parent,
+        "children": children,
+        "config": config,
+    }
+
+
+def test_progress_and_summary_are_printed(search):
+    out = search["stdout"]
+    assert f"[  1/{BUDGET}]" in out and f"[  {BUDGET}/{BUDGET}]" in out
+    assert "Pareto front" in out and "MLflow: experiment 'tdsearch'" in out
+
+
+def test_one_parent_and_one_nested_run_per_trial(search):
+    parent, children = search["parent"], search["children"]
+    assert parent.info.status == "FINISHED"
+    assert len(children) == BUDGET
+    assert sorted(int(c.data.tags["tdsearch.trial_number"]) for c in children) == [1, 2, 3, 4]
+    assert len({c.data.tags["tdsearch.trial_id"] for c in children}) == BUDGET
+    client = search["client"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        history = client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert [m.step for m in history] == list(range(1, len(history) + 1))  # per epoch
+        for key in ("params", "flops", "compression_ratio", "flops_reduction", "loss"):
+            assert key in child.data.metrics
+        assert any(k.startswith("rank.") for k in child.data.params)
+        assert child.data.tags["pareto"] in ("true", "false")
+
+
+def test_pareto_artifacts_exist_and_the_front_is_non_dominated(search, tmp_path):
+    client, parent = search["client"], search["parent"]
+    names = {a.path for a in client.list_artifacts(parent.info.run_id, "pareto")}
+    for name in (
+        "pareto.csv",
+        "pareto.md",
+        "trials.csv",
+        "pareto_params.png",
+        "pareto_flops.png",
+        "pareto.html",
+        "summary.json",
+        "knee_rank_table.yaml",
+    ):
+        assert f"pareto/{name}" in names
+    local = Path(client.download_artifacts(parent.info.run_id, "pareto", str(tmp_path)))
+    front = pd.read_csv(local / "pareto.csv")
+    trials = pd.read_csv(local / "trials.csv")
+    trials = trials[trials["status"] == "FINISHED"]
+    objectives = trials[["val_accuracy", "params", "flops"]].to_numpy() * [-1, 1, 1]
+
+    def dominated(point) -> bool:
+        return bool(((objectives <= point).all(1) & (objectives < point).any(1)).any())
+
+    front_points = front[["val_accuracy", "params", "flops"]].to_numpy() * [-1, 1, 1]
+    assert len(front) >= 1
+    assert not any(dominated(p) for p in front_points)
+    on_front = set(front["trial"])
+    for trial, point in zip(trials["trial"], objectives, strict=True):
+        assert dominated(point) or trial in on_front  # the front is every non-dominated trial
+    summary = json.loads((local / "summary.json").read_text())
+    assert summary["front_size"] == len(front)
+    assert summary["knee_trial"] in on_front
+    tagged = {
+        int(c.data.tags["tdsearch.trial_number"])
+        for c in search["children"]
+        if c.data.tags["pareto"] == "true"
+    }
+    assert tagged == on_front
+
+
+def test_export_reloads_to_what_the_trial_reported(search):
+    root = search["root"]
+    result = run(
+        "export",
+        "--select",
+        "max-accuracy",
+        "-o",
+        "ranks.yaml",
+        "--checkpoint",
+        "model.pt",
+        cwd=root,
+    )
+    assert result.returncode == 0, result.stderr
+    best = max((c for c in search["children"]), key=lambda c: c.data.metrics["val_accuracy"])
+    metrics = best.data.metrics
+
+    table = RankTable.load(root / "ranks.yaml")
+    task = load_task(search["config"].task_spec(), cache_dir=root / "cache", log=lambda _: None)
+    assert count_params(compress(task.dense_model(), table)) == metrics["params"]
+
+    model = tdsearch.load_compressed(root / "model.pt")
+    accuracy, _ = evaluate(model, task.data, task.data.val, device=torch.device("cpu"))
+    assert accuracy == pytest.approx(metrics["val_accuracy"], abs=1e-9)
+    again = tdsearch.load_compressed(root / "model.pt")
+    x = torch.randn(3, *task.input_shape)
+    np.testing.assert_array_equal(model(x).detach().numpy(), again(x).detach().numpy())
+
+    md = run("export", "--max-params", str(int(metrics["params"])), "--format", "md", cwd=root)
+    assert md.returncode == 0 and md.stdout.startswith("| layer | format | ranks |")
+
+
+def test_a_second_search_never_reuses_the_first_ones_name(search):
+    root = search["root"]
+    state_before = (root / "tdsearch-runs" / "e2e" / "tdsearch.json").read_text()
+    clash = run("--dataset", "digits", "--name", "e2e", "--budget", "1", cwd=root)
+    assert clash.returncode == 2
+    assert "already exists" in clash.stderr and "--resume" in clash.stderr
+    assert (root / "tdsearch-runs" / "e2e" / "tdsearch.json").read_text() == state_before

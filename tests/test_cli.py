@@ -1,0 +1,94 @@
+"""The command line as a user meets it: real processes, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tdsearch.cli import main
+
+
+def tdsearch(*args: str, cwd=None, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tdsearch", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--budget", "0"], "budget must be at least 1"),
+        (["--budget", "-2"], "budget must be at least 1"),
+        (["--budget", "many"], "invalid int value"),
+        (["--model", "vgg19"], "unknown model 'vgg19'"),
+        (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+        (["--method", "prune"], "unknown method 'prune'"),
+        (["--format", "cp"], "unknown format 'cp'"),
+        (["--option", "rho"], "expected KEY=VALUE"),
+        (["--method", "decompose", "--option", "rho=1e-3"], "unknown option"),
+        (["--rank", "conv2=4"], "expected LAYER=LOW:HIGH"),
+        (["--data-dir", "/no/such/dir"], "data directory /no/such/dir does not exist"),
+        (["--weights", "/no/such/weights.pt"], "does not exist"),
+        (["--config", "/no/such.yaml"], "config file /no/such.yaml does not exist"),
+        (["--no-such-flag"], "unrecognized arguments"),
+        (["--resume", "never-ran"], "no search named 'never-ran' to resume"),
+        (["export", "--format", "xml"], "unknown --format 'xml'"),
+        (["export", "-o", "ranks.txt"], "cannot tell the table format"),
+        (["layers", "--model", "nope"], "unknown model 'nope'"),
+        (["space", "--layers", "conv9"], "matches no decomposable layer"),
+        (["space", "--rank", "conv2=1:900"], "exceeds what its 50x20x5x5 weight can hold"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    if args[0] not in ("export", "layers", "space"):
+        args = [*args, "--storage", str(tmp_path / "runs")]
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("tdsearch: error: ")
+    assert message in lines[0]
+    assert not list(tmp_path.iterdir()) or not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_a_real_process_exits_2_without_traceback(tmp_path):
+    result = tdsearch("--budget", "0", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "tdsearch: error: budget must be at least 1, got 0"
+
+
+def test_export_without_any_search_is_a_user_error(tmp_path):
+    result = tdsearch("export", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "no search in MLflow experiment 'tdsearch'" in result.stderr
+
+
+def test_unreachable_tracking_server_is_a_user_error(tmp_path):
+    result = tdsearch("export", "--tracking-uri", "http://127.0.0.1:9", cwd=tmp_path, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "cannot reach the MLflow tracking store" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_layers_lists_rank_limits():
+    result = tdsearch("layers", "--model", "lenet5")
+    assert result.returncode == 0, result.stderr
+    assert "conv2 *" in result.stdout and "500x800" in result.stdout
+
+
+def test_space_prints_tied_dimensions():
+    result = tdsearch("space", "--model", "resnet20", "--dataset", "cifar10", "--tie", "stage")
+    assert result.returncode == 0, result.stderr
+    assert "rank.layer1.1" in result.stdout and "rank.layer1.0.1" not in result.stdout
+    assert "6 searched dimensions" in result.stdout
+
+
+def test_help_works():
+    assert tdsearch("--help").returncode == 0
+    assert "export" in tdsearch("--help").stdout
