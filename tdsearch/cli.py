@@ -9,6 +9,7 @@ that ``tdsearch layers`` answers at once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -394,6 +395,10 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # --model / --method package.module:name refer to the user's own code, usually in the
+    # directory they run from; a console script does not put it on the path by itself.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv.insert(0, "search")
     try:

@@ -159,7 +159,13 @@ class SearchConfig:
             hint=" or package.module:factory",
         )
         _choice("dataset", self.dataset, DATASETS)
-        _choice("method", self.method, TRAINERS)
+        _choice(
+            "method",
+            self.method,
+            TRAINERS,
+            allow=":" in self.method,
+            hint=" or package.module:Class",
+        )
         _choice("format", self.format, CONV_FORMATS)
         _choice("rank_mode", self.rank_mode, RANK_MODES)
         _choice("tie", self.tie, TIE_MODES)
@@ -243,6 +249,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _convert(key: str, value: Any, default: Any, f: dataclasses.Field) -> Any:
     """Coerce a YAML / flag value to the field's type, with a sentence on failure."""
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if value is None and "None" in kind:
+        return None
     try:
         if kind.startswith("list"):
             if isinstance(value, str):

@@ -120,14 +120,40 @@ def baseline_key(spec: TaskSpec, data: Dataset) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_task(
-    spec: TaskSpec, *, cache_dir: Path | None = None, log: Callable[[str], None] = print
-) -> Task:
-    """Load the data and the dense baseline, training the baseline if no cache holds it."""
+@dataclass
+class OpenedTask:
+    """The cheap part of a task: data in memory and the model (with the user's weights, if
+    any), enough to check every input and build the search space before anything trains."""
+
+    data: Dataset
+    model: nn.Module
+    layers: list[LayerInfo]
+
+
+def open_task(spec: TaskSpec) -> OpenedTask:
+    """Read the data, build the model, load ``--weights``: every :class:`UserError` of a task
+    (missing dataset, bad model, corrupt or mismatched weights) happens here, in seconds."""
     data = load_dataset(spec.dataset, spec.data_dir).limit_train(spec.max_train_samples)
     model = build_model(spec.model, data.input_shape, data.num_classes)
     if spec.weights:
         load_weights(model, spec.weights)
+    layers = decomposable_layers(model, data.input_shape)
+    if not layers:
+        raise UserError(f"model {spec.model} has no Conv2d or Linear layer to decompose")
+    return OpenedTask(data, model, layers)
+
+
+def load_task(
+    spec: TaskSpec,
+    *,
+    cache_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+    opened: OpenedTask | None = None,
+) -> Task:
+    """Load the data and the dense baseline, training the baseline if no cache holds it."""
+    opened = opened or open_task(spec)
+    data, model = opened.data, opened.model
+    if spec.weights:
         metrics = _measure(model, data)
         log(
             f"baseline: loaded {spec.weights} (val {metrics['val_accuracy']:.4f}, "
@@ -138,10 +164,7 @@ def load_task(
         state, metrics = _cached_or_trained(
             spec, data, model, cache_dir or default_cache_dir(), log
         )
-    layers = decomposable_layers(model, data.input_shape)
-    if not layers:
-        raise UserError(f"model {spec.model} has no Conv2d or Linear layer to decompose")
-    return Task(spec, data, {k: v.cpu() for k, v in state.items()}, metrics, layers)
+    return Task(spec, data, {k: v.cpu() for k, v in state.items()}, metrics, opened.layers)
 
 
 def _measure(model: nn.Module, data: Dataset) -> dict[str, float]:

@@ -53,6 +53,10 @@ def write_search_artifacts(
     title: str,
 ) -> list[Path]:
     """Write every artifact into ``directory`` (atomically, file by file); return the paths."""
+    frame = frame.copy()
+    for column in ("trial", "val_accuracy", "params", "flops"):  # absent if every trial failed
+        if column not in frame:
+            frame[column] = pd.Series(dtype=float)
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     table = pareto_table(summary.front)

@@ -14,6 +14,7 @@ from ray.tune import Callback
 
 from tdsearch.mlflow.tracking import (
     TAG_ERROR,
+    TAG_NODE,
     TAG_STATUS,
     Tracker,
     finite_metrics,
@@ -44,6 +45,7 @@ RAY_RESULT_KEYS = frozenset(
         "failed",
         "error",
         "rank_table",
+        "node",
     }
 )
 
@@ -87,9 +89,12 @@ class MlflowTrialLogger(Callback):
         self.planned_epochs = planned_epochs
         self._runs: dict[str, str] = {}
         self._logged_table: set[str] = set()
+        self._closed: set[str] = set()
+        self._tagged_node: set[str] = set()
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_runs": {}, "_logged_table": set()}
+        fresh = {"_runs": {}, "_logged_table": set(), "_closed": set(), "_tagged_node": set()}
+        return {**self.__dict__, **fresh}
 
     def _run_id(self, trial) -> str:
         if trial.trial_id not in self._runs:
@@ -113,10 +118,18 @@ class MlflowTrialLogger(Callback):
         self.tracker.log_metrics(run_id, finite_metrics(metrics), step)
         if self.ranks_known_at_start:
             self._log_table(trial.trial_id, run_id, result.get("rank_table", ""))
+        if result.get("node") and trial.trial_id not in self._tagged_node:
+            self.tracker.set_tags(run_id, {TAG_NODE: result["node"]})
+            self._tagged_node.add(trial.trial_id)
+        if result.get("failed"):  # a trial's failure report is its last one: close the run now
+            self._log_table(trial.trial_id, run_id, result.get("rank_table", ""))
+            self._close(run_id, "FAILED", "failed", result.get("error", "trial failed"))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         run_id = self._run_id(trial)
         last = trial.last_result or {}
+        if run_id in self._closed:
+            return
         self._log_table(trial.trial_id, run_id, last.get("rank_table", ""))
         if last.get("failed"):
             self._close(run_id, "FAILED", "failed", last.get("error", "trial failed"))
@@ -128,7 +141,9 @@ class MlflowTrialLogger(Callback):
         self._close(run_id, "FINISHED", "stopped_early" if stopped else "completed")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._close(self._run_id(trial), "FAILED", "failed", _error_text(trial))
+        run_id = self._run_id(trial)
+        if run_id not in self._closed:
+            self._close(run_id, "FAILED", "failed", _error_text(trial))
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         """A worker died and Ray restarts the trial: close this attempt's run as KILLED so the
@@ -136,6 +151,7 @@ class MlflowTrialLogger(Callback):
         if trial.trial_id in self._runs:
             run_id = self._runs.pop(trial.trial_id)
             self._logged_table.discard(trial.trial_id)
+            self._tagged_node.discard(trial.trial_id)
             self._close(run_id, "KILLED", "retried", _error_text(trial))
 
     def _log_table(self, trial_id: str, run_id: str, table_json: str) -> None:
@@ -150,6 +166,7 @@ class MlflowTrialLogger(Callback):
             tags[TAG_ERROR] = error
         self.tracker.set_tags(run_id, tags)
         self.tracker.finish(run_id, status)
+        self._closed.add(run_id)
 
 
 def _error_text(trial) -> str:

@@ -36,6 +36,7 @@ TAG_TRIAL_ID = "tdsearch.trial_id"
 TAG_TRIAL_NUMBER = "tdsearch.trial_number"
 TAG_RANK_TABLE = "tdsearch.rank_table"
 TAG_ERROR = "tdsearch.error"
+TAG_NODE = "ray_node"
 TAG_PARETO = "pareto"
 TAG_STATUS = "trial_status"
 PARENT_TAG = "mlflow.parentRunId"
@@ -168,9 +169,14 @@ class Tracker:
         """Mark a resumed search's parent RUNNING again and every child left RUNNING by the
         killed driver as KILLED; returns how many children were closed."""
         _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
-        stale = [r for r in self.children(run_id) if r.info.status == "RUNNING"]
+        return self.close_running_children(run_id, "killed")
+
+    def close_running_children(self, parent_id: str, trial_status: str) -> int:
+        """Mark every child still RUNNING as KILLED (MLflow never does this for a process that
+        died or a trial Tune stopped without a completion callback); returns how many."""
+        stale = [r for r in self.children(parent_id) if r.info.status == "RUNNING"]
         for run in stale:
-            self.client.set_tag(run.info.run_id, TAG_STATUS, "killed")
+            self.set_tags(run.info.run_id, {TAG_STATUS: trial_status})
             _retry(lambda run=run: self.client.set_terminated(run.info.run_id, "KILLED"))
         return len(stale)
 

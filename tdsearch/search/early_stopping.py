@@ -11,11 +11,15 @@ remaining epochs, which is the bet successive halving makes anyway.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 from ray.tune import Stopper
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+from tdsearch.utils import atomic_write_text
 
 
 class ParetoHalving(FIFOScheduler):
@@ -26,6 +30,9 @@ class ParetoHalving(FIFOScheduler):
         max_t: epochs of a full trial.
         grace_period: first rung (epochs).
         reduction_factor: rungs at grace_period * reduction_factor**k.
+        state_path: a JSON file that keeps the rungs' records. Ray Tune does not checkpoint
+            scheduler state, so without it a resumed search would forget what every trial
+            scored at each rung and stop (or spare) trials differently than before the crash.
     """
 
     def __init__(
@@ -34,6 +41,7 @@ class ParetoHalving(FIFOScheduler):
         max_t: int,
         grace_period: int = 1,
         reduction_factor: float = 3,
+        state_path: Path | None = None,
     ):
         super().__init__()
         self.objectives = list(objectives)
@@ -42,7 +50,27 @@ class ParetoHalving(FIFOScheduler):
             rungs.append(int(t))
             t = math.ceil(t * reduction_factor)
         self.rungs = rungs
-        self._records: dict[int, dict[str, tuple[float, ...]]] = {r: {} for r in rungs}
+        self.state_path = state_path
+        self._records: dict[int, dict[str, tuple[float, ...]]] | None = None
+
+    @property
+    def records(self) -> dict[int, dict[str, tuple[float, ...]]]:
+        """Rung -> trial id -> objective point (all minimised); loaded from ``state_path``."""
+        if self._records is None:
+            self._records = {r: {} for r in self.rungs}
+            if self.state_path is not None and Path(self.state_path).is_file():
+                saved = json.loads(Path(self.state_path).read_text())
+                for rung, entries in saved.items():
+                    self._records[int(rung)] = {k: tuple(v) for k, v in entries.items()}
+        return self._records
+
+    def _save(self) -> None:
+        if self.state_path is not None:
+            payload = {
+                str(rung): {k: list(v) for k, v in entries.items()}
+                for rung, entries in self.records.items()
+            }
+            atomic_write_text(Path(self.state_path), json.dumps(payload))
 
     def _point(self, result: dict) -> tuple[float, ...] | None:
         values = []
@@ -55,13 +83,14 @@ class ParetoHalving(FIFOScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         t = int(result.get("training_iteration", 0))
-        if t not in self._records:
+        if t not in self.records:
             return TrialScheduler.CONTINUE
         point = self._point(result)
         if point is None:
             return TrialScheduler.CONTINUE
-        rung = self._records[t]
+        rung = self.records[t]
         rung[trial.trial_id] = point
+        self._save()
         for other_id, other in rung.items():
             if other_id != trial.trial_id and dominates(other, point):
                 return TrialScheduler.STOP
@@ -79,22 +108,25 @@ def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
 
 
 class FailureGuard(Stopper):
-    """Ends the search when its first ``patience`` trials all failed: the same error is then
-    almost certainly coming for every trial, and the user should see it now, not after the
-    whole budget has run."""
+    """Ends the search when its first ``patience`` trials all failed with the same kind of
+    error (exception type): a bug or a bad setting that every trial will meet, which the user
+    should see now, not after the whole budget. Failures of different kinds point at trials,
+    not at the search, so they never stop it (a search whose trials all fail still ends with
+    an error quoting the first one)."""
 
     def __init__(self, patience: int = 3):
         self.patience = patience
-        self._failed: set[str] = set()
+        self._kinds: dict[str, str] = {}
         self._succeeded = False
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         accuracy = result.get("val_accuracy")
         if result.get("failed"):
-            self._failed.add(trial_id)
+            self._kinds[trial_id] = str(result.get("error", "")).split(":", 1)[0]
         elif isinstance(accuracy, int | float) and math.isfinite(accuracy):
             self._succeeded = True
         return False
 
     def stop_all(self) -> bool:
-        return not self._succeeded and len(self._failed) >= self.patience
+        kinds = set(self._kinds.values())
+        return not self._succeeded and len(self._kinds) >= self.patience and len(kinds) == 1

@@ -74,6 +74,10 @@ class ProgressPrinter(Callback):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "out": print}
 
+    def setup(self, **info) -> None:
+        """Called by Tune when the experiment (or its restore) starts."""
+        self._start = time.monotonic()
+
     def _frame(self, trials, current) -> pd.DataFrame:
         rows = []
         for t in trials:

@@ -22,8 +22,8 @@ from tdsearch.search.progress import format_front
 from tdsearch.search.store import SearchState, default_name, resolve_name
 from tdsearch.search.summary import SearchSummary, summarize
 from tdsearch.search.trial import TrialSettings, run_trial
-from tdsearch.spaces import SearchSpace, build_space
-from tdsearch.task import Task, load_task
+from tdsearch.spaces import SearchSpace, build_space, select_layers
+from tdsearch.task import Task, load_task, open_task
 from tdsearch.tensor import LayerInfo
 from tdsearch.trainers import Trainer, make_trainer
 
@@ -60,8 +60,8 @@ class SearchOutcome:
 def prepare(
     config: SearchConfig, log: Callable[[str], None] = print
 ) -> tuple[SearchConfig, str, bool, Tracker, SearchState | None]:
-    """Everything that can fail because of the user's input, before any compute: the name
-    (never an earlier search's), the stored config of a resumed search, the tracking store."""
+    """The search's name (never an earlier search's), the stored config of a resumed search,
+    and its tracker (not yet connected)."""
     storage = config.storage_path
     base = default_name(config.model, config.dataset, config.method)
     name, resuming = resolve_name(storage, config.name, base, config.resume)
@@ -77,7 +77,6 @@ def prepare(
         log(f"resuming search {name} from {storage / name}")
     else:
         tracker = Tracker(config.tracking_uri, config.experiment)
-    tracker.connect()
     return config, name, resuming, tracker, state
 
 
@@ -89,7 +88,10 @@ def build_search_space(
         layers,
         method=config.method,
         conv_format=trainer.conv_format(config.format),
-        method_dims=trainer.search_dimensions(),
+        method_dims=[
+            *trainer.search_dimensions(),
+            *trainer.layer_dimensions(select_layers(layers, config.layers, config.exclude_layers)),
+        ],
         selects_ranks=trainer.selects_ranks,
         include=config.layers,
         exclude=config.exclude_layers,
@@ -102,12 +104,19 @@ def build_search_space(
 
 
 def run_search(config: SearchConfig, log: Callable[[str], None] = print) -> SearchOutcome:
+    # Everything a user can get wrong fails here, in seconds, before the tracking store is
+    # touched or a baseline trains: names, data, model, weights, ranks, the store itself.
     config, name, resuming, tracker, state = prepare(config, log)
     trainer = make_trainer(config.method, config.options)
+    opened = open_task(config.task_spec())
+    space = build_search_space(config, trainer, opened.layers)
+    tracker.connect()
     task = load_task(
-        config.task_spec(), cache_dir=Path(config.cache_dir) if config.cache_dir else None, log=log
+        config.task_spec(),
+        cache_dir=Path(config.cache_dir) if config.cache_dir else None,
+        log=log,
+        opened=opened,
     )
-    space = build_search_space(config, trainer, task.layers)
     directory = config.storage_path / name
 
     for key, value in RAY_ENVIRONMENT.items():
@@ -138,17 +147,29 @@ def run_search(config: SearchConfig, log: Callable[[str], None] = print) -> Sear
         grid = tuner.fit()
         elapsed = time.monotonic() - start
         ended = grid.num_terminated + grid.num_errors
+    except BaseException:
+        # a second Ctrl-C or an error of tdsearch itself: leave nothing RUNNING in MLflow and
+        # keep the search resumable
+        if state is not None and state.parent_run_id:
+            tracker.close_running_children(state.parent_run_id, "interrupted")
+            tracker.finish(state.parent_run_id, "KILLED")
+            state.status = "interrupted"
+            state.save(directory)
+            log(f"search {name} interrupted; resume with: tdsearch --resume {name}")
+        raise
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
+    tracker.close_running_children(parent_id, "stopped")
 
     frame = tracker.trials_frame(parent_id)
     all_failed = not frame.empty and not (frame["status"] == "FINISHED").any()
     interrupted = ended < config.budget and not all_failed
     summary = summarize(frame, config.objectives, task.baseline_metrics)
-    _finish_parent(tracker, parent_id, frame, summary, task, name, interrupted)
+    status = "KILLED" if interrupted else "FAILED" if all_failed else "FINISHED"
+    _finish_parent(tracker, parent_id, frame, summary, task, name, status)
     state.status = "interrupted" if interrupted else "finished"
     state.save(directory)
     outcome = SearchOutcome(
@@ -273,7 +294,9 @@ def _make_tuner(
     epochs = trainer.planned_epochs(train)
     scheduler = None
     if config.early_stopping == "pareto" and epochs > 1:
-        scheduler = ParetoHalving(columns, max_t=epochs)
+        scheduler = ParetoHalving(
+            columns, max_t=epochs, state_path=directory / "pareto_halving.json"
+        )
     elif config.early_stopping == "asha" and epochs > 1:
         from ray.tune.schedulers import ASHAScheduler
 
@@ -347,7 +370,7 @@ def _finish_parent(
     summary: SearchSummary,
     task: Task,
     name: str,
-    interrupted: bool,
+    status: str,
 ) -> None:
     from tdsearch.mlflow.artifacts import write_search_artifacts
 
@@ -364,7 +387,7 @@ def _finish_parent(
             f"{name}: {task.spec.model} on {task.spec.dataset}",
         )
         tracker.log_artifacts(parent_id, Path(tmp), "pareto")
-    tracker.finish(parent_id, "KILLED" if interrupted else "FINISHED")
+    tracker.finish(parent_id, status)
 
 
 def _print_summary(
@@ -396,7 +419,7 @@ def _print_summary(
     )
     log(f"Ray Tune state: {outcome.directory}")
     if outcome.interrupted:
-        log(f"resume with: tdsearch --resume --name {outcome.name}")
+        log(f"resume with: tdsearch --resume {outcome.name}")
 
 
 def _raise_if_all_failed(frame: pd.DataFrame) -> None:

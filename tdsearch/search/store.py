@@ -47,7 +47,7 @@ class SearchState:
 
 
 def default_name(model: str, dataset: str, method: str) -> str:
-    base = f"{model.rsplit(':', 1)[-1]}-{dataset}-{method}"
+    base = f"{model.rsplit(':', 1)[-1]}-{dataset}-{method.rsplit(':', 1)[-1]}"
     return re.sub(r"[^A-Za-z0-9_.-]", "-", base)
 
 

@@ -17,6 +17,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 import torch
 from ray import tune
 from torch import nn
@@ -55,13 +56,14 @@ class TuneReporter:
         self.settings = settings
         self.target = target
         self.device = default_device()
+        self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(
         self, metrics: dict[str, float], model: nn.Module | None, *, final: bool = False
     ) -> None:
         table = table_of(model) if model is not None else RankTable()
         table = table if len(table) else self.target
-        result = {**metrics, "rank_table": json.dumps(table.to_dict())}
+        result = {**metrics, "rank_table": json.dumps(table.to_dict()), "node": self.node}
         if model is not None and "latency" in self.settings.objectives:
             result["latency_ms"] = measure_latency(
                 model,
@@ -113,9 +115,9 @@ def run_trial(config: dict, *, task: Task, space: SearchSpace, settings: TrialSe
     try:
         seed_everything(settings.seed)
         trainer = make_trainer(settings.method, settings.options)
-        trial = TrialSpec(
-            table, space.hyperparameters(config), settings.train, settings.seed, reporter.device
-        )
+        hyperparameters = space.hyperparameters(config)
+        table = reporter.target = trainer.target_table(table, hyperparameters, task.layers)
+        trial = TrialSpec(table, hyperparameters, settings.train, settings.seed, reporter.device)
         trainer.run(task, trial, reporter)
     except Exception as err:
         if type(err).__module__.startswith("ray."):

@@ -77,3 +77,23 @@ def test_names_never_reuse_an_earlier_search(tmp_path):
         resolve_name(tmp_path, "m-d-x", "m-d-x", resume=False)
     with pytest.raises(UserError, match="no search named 'other'"):
         resolve_name(tmp_path, "other", "m-d-x", resume=True)
+
+
+def test_failure_guard_stops_only_on_one_repeated_error():
+    from tdsearch.search.early_stopping import FailureGuard
+
+    guard = FailureGuard(patience=3)
+    for i, error in enumerate(["RuntimeError: a", "MemoryError: b", "RuntimeError: c"]):
+        guard(f"t{i}", {"failed": 1, "error": error})
+    assert not guard.stop_all()  # different kinds: the trials, not the search, are at fault
+    same = FailureGuard(patience=3)
+    for i in range(2):
+        same(f"t{i}", {"failed": 1, "error": f"ValueError: bug {i}"})
+    assert not same.stop_all()
+    same("t2", {"failed": 1, "error": "ValueError: bug 2"})
+    assert same.stop_all()
+    spared = FailureGuard(patience=3)
+    spared("ok", {"val_accuracy": 0.5})
+    for i in range(5):
+        spared(f"t{i}", {"failed": 1, "error": "ValueError: bug"})
+    assert not spared.stop_all()  # one trial worked: failures are the trials' own
