@@ -12,7 +12,7 @@ run: setup
 	$(VENV)/bin/tdsearch --budget $(BUDGET) $(ARGS)
 
 test: setup
-	$(VENV)/bin/python -m pytest -q -m "not slow and not browser" $(ARGS)
+	$(VENV)/bin/python -m pytest -q -m "not slow" $(ARGS)
 
 test-slow: setup
 	$(VENV)/bin/python -m pytest -q -m "slow" $(ARGS)

@@ -28,12 +28,18 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     touch "$stamp"
 fi
 
-if [ ! -f "$FASHION_DIR/train-images-idx3-ubyte.gz" ]; then
+# Debian packages: the dataset, and Chromium + ChromeDriver for the browser test of the MLflow
+# UI (that test is skipped, with the reason, where they cannot be installed).
+missing=()
+[ -f "$FASHION_DIR/train-images-idx3-ubyte.gz" ] || missing+=(dataset-fashion-mnist)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+if [ ${#missing[@]} -gt 0 ]; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-        echo "setup: installing Debian's dataset-fashion-mnist"
-        apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null
+        echo "setup: installing Debian packages: ${missing[*]}"
+        apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-        echo "setup: Fashion-MNIST is missing and apt-get is not usable as root here;" \
-             "install dataset-fashion-mnist or pass --data-dir" >&2
+        echo "setup: missing Debian packages (${missing[*]}) and apt-get is not usable as" \
+             "root here; Fashion-MNIST then needs --data-dir" >&2
     fi
 fi

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from tdsearch.errors import UserError
 
-SUBCOMMANDS = ("search", "layers", "baseline", "space", "export")
+SUBCOMMANDS = ("search", "layers", "baseline", "space", "export", "ui", "compare")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -213,6 +213,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="also write the trial's compressed model here (.pt)")
     p.set_defaults(handler=_cmd_export)
 
+    p = sub.add_parser("ui", help="start the MLflow UI on the searches' tracking store")
+    _add_tracking_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    p.add_argument("--port", type=int, default=5000, help="port (5000)")
+    p.set_defaults(handler=_cmd_ui)
+
+    p = sub.add_parser("compare", help="joint Pareto front of several searches, and a plot")
+    p.add_argument("names", nargs="+", metavar="NAME", help="search names")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: ./mlflow.db)")
+    p.add_argument("--experiment", default="tdsearch", help="MLflow experiment (tdsearch)")
+    p.add_argument(
+        "-o",
+        "--output",
+        default="tdsearch-compare.png",
+        help="plot file; an .html twin is written beside it (tdsearch-compare.png)",
+    )
+    p.set_defaults(handler=_cmd_compare)
+
     p = sub.add_parser("layers", help="list a model's decomposable layers and their rank limits")
     _add_task_options(p)
     p.set_defaults(handler=_cmd_layers)
@@ -309,6 +327,31 @@ def _cmd_export(args: argparse.Namespace) -> int:
             f"compressed model written to {path} (load with tdsearch.load_compressed)",
             file=sys.stderr,
         )
+    return 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from tdsearch.mlflow.compare import start_ui
+    from tdsearch.mlflow.tracking import Tracker
+
+    return start_ui(Tracker(args.tracking_uri, args.experiment), args.host, args.port, args.name)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tdsearch.mlflow.compare import compare_searches, format_joint_front, plot_fronts
+    from tdsearch.mlflow.tracking import Tracker
+
+    tracker = Tracker(args.tracking_uri, args.experiment)
+    tracker.connect()
+    trials, joint = compare_searches(tracker, args.names)
+    counts = trials.groupby("search", sort=False).size()
+    print("searches: " + ", ".join(f"{name} ({n} trials)" for name, n in counts.items()))
+    print("joint Pareto front (validation accuracy vs params / MACs):")
+    print(format_joint_front(joint))
+    for path in plot_fronts(trials, joint, Path(args.output)):
+        print(f"wrote {path}")
     return 0
 
 

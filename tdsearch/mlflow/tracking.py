@@ -40,6 +40,10 @@ TAG_NODE = "ray_node"
 TAG_PARETO = "pareto"
 TAG_STATUS = "trial_status"
 PARENT_TAG = "mlflow.parentRunId"
+#: MLflow 3's UI opens an experiment on its GenAI (traces) overview unless the experiment says
+#: it holds training runs; with this tag it opens on the runs table, where searches live.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
 
 T = TypeVar("T")
 
@@ -143,9 +147,15 @@ class Tracker:
         if self._experiment_id is None:
             experiment = self.client.get_experiment_by_name(self.experiment_name)
             if experiment is None:
-                self._experiment_id = self.client.create_experiment(self.experiment_name)
+                self._experiment_id = self.client.create_experiment(
+                    self.experiment_name, tags={EXPERIMENT_KIND: TRAINING_KIND}
+                )
             else:
                 self._experiment_id = experiment.experiment_id
+                if EXPERIMENT_KIND not in experiment.tags:
+                    self.client.set_experiment_tag(
+                        self._experiment_id, EXPERIMENT_KIND, TRAINING_KIND
+                    )
         return self._experiment_id
 
     @property

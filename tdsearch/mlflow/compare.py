@@ -1,0 +1,165 @@
+"""``tdsearch compare``: several searches (e.g. different methods) side by side, and
+``tdsearch ui``: MLflow's UI on the searches' tracking store."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from tdsearch.errors import UserError
+from tdsearch.mlflow.export import find_search
+from tdsearch.mlflow.tracking import TAG_SEARCH, Tracker
+from tdsearch.search.progress import front_frame
+from tdsearch.search.summary import usable_trials
+from tdsearch.utils import atomic_write, format_table, human_count
+
+OBJECTIVES = ("accuracy", "params", "flops")
+
+
+def compare_searches(tracker: Tracker, names: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(all finished trials of the searches, with a ``search`` column; their joint front)."""
+    frames = []
+    for name in names:
+        parent = find_search(tracker, name)
+        trials = usable_trials(tracker.trials_frame(parent.info.run_id))
+        if trials.empty:
+            raise UserError(f"search {name!r} has no finished trial to compare")
+        frames.append(
+            trials.assign(
+                search=parent.data.tags.get(TAG_SEARCH, name),
+                method=parent.data.tags.get("method", ""),
+            )
+        )
+    combined = pd.concat(frames, ignore_index=True)
+    return combined, front_frame(combined, OBJECTIVES)
+
+
+def format_joint_front(front: pd.DataFrame) -> str:
+    rows = [
+        [
+            row["search"],
+            f"{int(row['trial']):04d}",
+            f"{row['val_accuracy']:.4f}",
+            human_count(row["params"]),
+            f"{row.get('compression_ratio', float('nan')):.1f}x",
+            human_count(row["flops"]),
+        ]
+        for _, row in front.iterrows()
+    ]
+    return format_table(rows, ["search", "trial", "val_acc", "params", "compress", "MACs"])
+
+
+def plot_fronts(trials: pd.DataFrame, joint: pd.DataFrame, path: Path) -> list[Path]:
+    """Each search's own front (accuracy vs params and vs MACs), overlaid, as PNG and HTML."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
+    for ax, cost in zip(axes, ("params", "flops"), strict=True):
+        for k, (name, group) in enumerate(trials.groupby("search", sort=False)):
+            front = front_frame(group, ["accuracy", cost]).sort_values(cost)
+            ax.scatter(group[cost], group["val_accuracy"], s=10, color=f"C{k}", alpha=0.3)
+            ax.step(
+                front[cost],
+                front["val_accuracy"],
+                where="post",
+                color=f"C{k}",
+                label=f"{name} ({len(group)} trials)",
+            )
+            ax.scatter(front[cost], front["val_accuracy"], s=28, color=f"C{k}")
+        ax.scatter(
+            joint[cost],
+            joint["val_accuracy"],
+            s=90,
+            facecolors="none",
+            edgecolors="black",
+            label="joint front",
+        )
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters" if cost == "params" else "MACs")
+        ax.set_ylabel("validation accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    written = [atomic_write(path.with_suffix(".png"), lambda p: fig.savefig(p, format="png"))]
+    plt.close(fig)
+    written.append(atomic_write(path.with_suffix(".html"), lambda p: _plot_html(trials, joint, p)))
+    return written
+
+
+def _plot_html(trials: pd.DataFrame, joint: pd.DataFrame, path: Path) -> None:
+    import plotly.express as px
+
+    fig = px.scatter(
+        trials,
+        x="params",
+        y="val_accuracy",
+        color="search",
+        log_x=True,
+        hover_data=["trial", "flops", "compression_ratio"],
+        title="trials of the compared searches (joint front: black rings)",
+    )
+    fig.add_scatter(
+        x=joint["params"],
+        y=joint["val_accuracy"],
+        mode="markers",
+        marker=dict(size=14, color="rgba(0,0,0,0)", line=dict(width=2)),
+        name="joint front",
+    )
+    fig.write_html(str(path), include_plotlyjs=True)
+
+
+def free_port(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def start_ui(tracker: Tracker, host: str, port: int, name: str | None = None) -> int:
+    """Run ``mlflow ui`` on the tracking store until Ctrl-C; print where to point a browser."""
+    if tracker.tracking_uri.startswith(("http://", "https://")):
+        raise UserError(
+            f"{tracker.tracking_uri} is a tracking server already: open it in a browser"
+        )
+    experiment = tracker.client.get_experiment_by_name(tracker.experiment_name)
+    if experiment is None:
+        raise UserError(
+            f"no MLflow experiment {tracker.experiment_name!r} at "
+            f"{tracker.tracking_uri}; run a search first"
+        )
+    tracker.connect()  # tags the experiment as training runs, for MLflow 3's UI
+    if not free_port(host, port):
+        raise UserError(f"port {port} on {host} is in use; pass --port")
+    url = f"http://{host}:{port}/#/experiments/{experiment.experiment_id}/runs"
+    if name is not None:
+        url += f"/{find_search(tracker, name).info.run_id}"
+    print(
+        f"MLflow UI for experiment {tracker.experiment_name!r}: {url}  (Ctrl-C stops it)",
+        flush=True,
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        tracker.tracking_uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
