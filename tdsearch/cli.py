@@ -108,8 +108,12 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--format",
-        help="format of conv layers: tt (default), tt-matrix, tucker2, "
-        "svd; linear layers take tt-matrix or svd",
+        help="format of conv layers: tt (default), tt-matrix, tucker2, svd",
+    )
+    g.add_argument(
+        "--linear-format",
+        help="format of linear layers: svd (default) or tt-matrix (the default with "
+        "--format tt-matrix)",
     )
     g.add_argument(
         "--option",
@@ -454,6 +458,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tdsearch: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output (e.g. `| head`) went away
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ class SearchConfig:
     # the method and its space
     method: str = "decompose"
     format: str = "tt"
+    linear_format: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     layers: list[str] = field(default_factory=list)
     exclude_layers: list[str] = field(default_factory=list)
@@ -148,7 +149,7 @@ class SearchConfig:
     # --- validation ---------------------------------------------------------------------------
 
     def validate(self) -> None:
-        from tdsearch.spaces import CONV_FORMATS, RANK_MODES, TIE_MODES
+        from tdsearch.spaces import CONV_FORMATS, LINEAR_FORMATS, RANK_MODES, TIE_MODES
         from tdsearch.trainers import TRAINERS
 
         _choice(
@@ -167,6 +168,8 @@ class SearchConfig:
             hint=" or package.module:Class",
         )
         _choice("format", self.format, CONV_FORMATS)
+        if self.linear_format is not None:
+            _choice("linear_format", self.linear_format, LINEAR_FORMATS)
         _choice("rank_mode", self.rank_mode, RANK_MODES)
         _choice("tie", self.tie, TIE_MODES)
         _choice("sampler", self.sampler, SAMPLERS)

@@ -84,10 +84,12 @@ def build_search_space(
     config: SearchConfig, trainer: Trainer, layers: list[LayerInfo]
 ) -> SearchSpace:
     bounds = {k: (int(v[0]), int(v[1])) for k, v in config.rank_bounds.items()}
+    conv_format = trainer.conv_format(config.format)
     return build_space(
         layers,
         method=config.method,
-        conv_format=trainer.conv_format(config.format),
+        conv_format=conv_format,
+        linear_format=trainer.linear_format(config.linear_format, conv_format),
         method_dims=[
             *trainer.search_dimensions(),
             *trainer.layer_dimensions(select_layers(layers, config.layers, config.exclude_layers)),
@@ -288,7 +290,8 @@ def _make_tuner(
         sampler=make_sampler(
             config.sampler, config.seed, len(columns), config.budget, config.concurrency
         ),
-        points_to_evaluate=_initial_points(space, config.initial_trials) or None,
+        points_to_evaluate=initial_points(space, config.initial_trials, config.min_rank_fraction)
+        or None,
         seed=config.seed,
     )
     epochs = trainer.planned_epochs(train)
@@ -337,13 +340,16 @@ def _make_tuner(
     )
 
 
-def _initial_points(space: SearchSpace, count: int) -> list[dict]:
-    """``count`` informed first trials: every rank at evenly spread fractions of its largest
-    useful rank (the uniform-rank practice), method dimensions at their midpoints."""
+def initial_points(space: SearchSpace, count: int, min_fraction: float) -> list[dict]:
+    """``count`` informed first trials: every rank at the same fraction of its largest useful
+    rank (the uniform-rank practice), fractions evenly spread over [min_fraction, 1], method
+    dimensions at their midpoints."""
     if count <= 0 or space.rank_mode == "none":
         return []
-    fractions = [0.1 + 0.8 * k / max(1, count - 1) for k in range(count)] if count > 1 else [0.5]
-    return [space.uniform_config(f) for f in fractions]
+    if count == 1:
+        return [space.uniform_config(0.5)]
+    step = (1.0 - min_fraction) / (count - 1)
+    return [space.uniform_config(min_fraction + k * step) for k in range(count)]
 
 
 def _check_restored_searcher(tuner) -> None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +51,9 @@ class TuneReporter:
     Adds the rank table in effect (and, on the last epoch, the test accuracy) to the metrics,
     measures latency when it is an objective, and checkpoints the compact model whenever the
     trainer hands one over, so even a trial stopped early leaves a loadable model behind.
+    Every report also carries the trial's wall time so far (``trial_seconds``), the part of it
+    spent reporting and checkpointing (``report_seconds``) and the process's peak memory
+    (``peak_rss_mb``): what the overhead benchmark and a user sizing a cluster need.
     """
 
     def __init__(self, task: Task, settings: TrialSettings, target: RankTable):
@@ -57,13 +62,31 @@ class TuneReporter:
         self.target = target
         self.device = default_device()
         self.node = ray.get_runtime_context().get_node_id()
+        self.started = time.perf_counter()
+        self.reporting = 0.0
 
     def __call__(
         self, metrics: dict[str, float], model: nn.Module | None, *, final: bool = False
     ) -> None:
+        entered = time.perf_counter()
+        try:
+            self._report(metrics, model, final, entered)
+        finally:
+            self.reporting += time.perf_counter() - entered
+
+    def _report(
+        self, metrics: dict[str, float], model: nn.Module | None, final: bool, entered: float
+    ) -> None:
         table = table_of(model) if model is not None else RankTable()
         table = table if len(table) else self.target
-        result = {**metrics, "rank_table": json.dumps(table.to_dict()), "node": self.node}
+        result = {
+            **metrics,
+            "rank_table": json.dumps(table.to_dict()),
+            "node": self.node,
+            "trial_seconds": entered - self.started,
+            "report_seconds": self.reporting,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
         if model is not None and "latency" in self.settings.objectives:
             result["latency_ms"] = measure_latency(
                 model,

@@ -26,12 +26,19 @@ from tdsearch.tensor import (
 )
 
 #: The format a linear layer takes when convs take the given one.
-LINEAR_FORMAT = {"tt": "tt-matrix", "tt-matrix": "tt-matrix", "tucker2": "svd", "svd": "svd"}
+#: The format linear layers take by default when convs take the given one. SVD runs as two
+#: plain matrix products and spans mild to strong compression; a TT-matrix saves far more
+#: weights but its contraction costs more MACs than the dense layer beyond small ranks, so it is
+#: the default only when convs are TT-matrices too (ask for it with ``--linear-format``).
+LINEAR_FORMAT = {"tt": "svd", "tt-matrix": "tt-matrix", "tucker2": "svd", "svd": "svd"}
 CONV_FORMATS = tuple(LINEAR_FORMAT)
+LINEAR_FORMATS = ("svd", "tt-matrix")
 
 
-def layer_format(kind: str, conv_format: str) -> str:
-    return conv_format if kind == "conv" else LINEAR_FORMAT[conv_format]
+def layer_format(kind: str, conv_format: str, linear_format: str | None = None) -> str:
+    if kind == "conv":
+        return conv_format
+    return linear_format or LINEAR_FORMAT[conv_format]
 
 
 def build_space(
@@ -39,6 +46,7 @@ def build_space(
     *,
     method: str,
     conv_format: str = "tt",
+    linear_format: str | None = None,
     method_dims: Sequence[Dimension] = (),
     selects_ranks: bool = False,
     include: Sequence[str] = (),
@@ -54,7 +62,9 @@ def build_space(
     Args:
         infos: the model's decomposable layers (``tensor.decomposable_layers``).
         method: the trainer's name (recorded in the space).
-        conv_format: format of conv layers; linear layers take :data:`LINEAR_FORMAT` of it.
+        conv_format: format of conv layers.
+        linear_format: format of linear layers (default: :data:`LINEAR_FORMAT` of the conv
+            format).
         method_dims: the trainer's own dimensions (ρ, κ, ...).
         selects_ranks: the trainer picks ranks during training (MARS, adaptive Tucker): the
             layers get no rank dimensions and start from their largest useful ranks.
@@ -68,6 +78,10 @@ def build_space(
     """
     if conv_format not in CONV_FORMATS:
         raise UserError(f"unknown format {conv_format!r}; choose one of {', '.join(CONV_FORMATS)}")
+    if linear_format is not None and linear_format not in LINEAR_FORMATS:
+        raise UserError(
+            f"unknown linear format {linear_format!r}; choose one of {', '.join(LINEAR_FORMATS)}"
+        )
     if rank_mode not in RANK_MODES:
         raise UserError(f"rank mode must be one of {', '.join(RANK_MODES)}, got {rank_mode!r}")
     if tie not in TIE_MODES:
@@ -81,7 +95,8 @@ def build_space(
 
     templates, uppers, lowers, counts, groups = [], [], [], [], []
     for info in chosen:
-        template = make_spec(info, layer_format(info.kind, conv_format), cores=tt_matrix_cores)
+        fmt = layer_format(info.kind, conv_format, linear_format)
+        template = make_spec(info, fmt, cores=tt_matrix_cores)
         limits = rank_limits(info, template)
         useful = max(1, largest_compressing_rank(info, template))
         low, high = bounds.get(info.name, (1, None))
@@ -149,6 +164,7 @@ def _resolve_bounds(
 __all__ = [
     "CONV_FORMATS",
     "LINEAR_FORMAT",
+    "LINEAR_FORMATS",
     "RANK_MODES",
     "TIE_MODES",
     "Dimension",

@@ -15,7 +15,8 @@ svd           (r,) of a linear or conv
 dense         ()                                     the layer is left as it is
 ============  =====================================  ==========================================
 
-Any non-dense conv entry may carry ``kappa``: the CEPD sparse branch keeps that many filters.
+Any non-dense entry may carry ``kappa``: the CEPD sparse branch keeps that many filters (output
+rows of a linear layer).
 """
 
 from __future__ import annotations

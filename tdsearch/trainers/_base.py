@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -13,7 +13,7 @@ from torch import nn
 
 from tdsearch.spaces import Dimension, layer_format
 from tdsearch.task import Task
-from tdsearch.tensor import RankTable, count_flops, count_params
+from tdsearch.tensor import LayerInfo, RankTable, count_flops, count_params
 from tdsearch.training import TrainSettings, evaluate
 
 
@@ -64,9 +64,10 @@ class Trainer(abc.ABC):
 
     Life cycle. The search builds one trainer per search from its ``Options`` (a dataclass of
     the method's settings, filled from the config's ``options``), asks it once for
-    :meth:`search_dimensions` (the method's own hyper-parameters, added to the rank dimensions)
-    and for :meth:`conv_format`; then, in each trial's worker process, a trainer is built again
-    and :meth:`run` is called once with the task, the trial's :class:`TrialSpec` and a
+    :meth:`search_dimensions` and :meth:`layer_dimensions` (the method's own hyper-parameters,
+    added to the rank dimensions) and for :meth:`conv_format`; then, in each trial's worker
+    process, a trainer is built again, :meth:`target_table` gives the trial's table, and
+    :meth:`run` is called once with the task, the trial's :class:`TrialSpec` and a
     :class:`Reporter`. ``run`` must call ``report(metrics, model)`` after every epoch, with
     ``final=True`` after the last one, where ``metrics`` holds at least the keys of
     :func:`measure`; the search may stop the trial inside a ``report`` call (early stopping).
@@ -90,6 +91,23 @@ class Trainer(abc.ABC):
         """The method's own search dimensions; none by default."""
         return []
 
+    def layer_dimensions(self, layers: Sequence[LayerInfo]) -> list[Dimension]:
+        """The method's dimensions that belong to single searched ``layers`` (e.g. a CEPD κ
+        per layer); none by default."""
+        return []
+
+    def target_table(
+        self,
+        table: RankTable,
+        hyperparameters: Mapping[str, Any],
+        layers: Sequence[LayerInfo],
+    ) -> RankTable:
+        """The rank table a trial heads to, from the space's ranks, the trial's sampled values
+        and the model's ``layers``: ``table`` itself unless the method's values change it
+        (CEPD's κ). The search records this table for the trial until the trial hands over a
+        compact model."""
+        return table
+
     def planned_epochs(self, train: TrainSettings) -> int:
         """Epochs (reports) of a trial that runs to the end; early stopping counts in these."""
         return train.epochs
@@ -98,8 +116,10 @@ class Trainer(abc.ABC):
         """The format this method gives conv layers when the user asks for ``requested``."""
         return requested
 
-    def linear_format(self, requested: str) -> str:
-        return layer_format("linear", self.conv_format(requested))
+    def linear_format(self, requested: str | None, conv_format: str) -> str:
+        """The format this method gives linear layers: ``requested`` (``--linear-format``), else
+        the default for the conv format it chose."""
+        return layer_format("linear", conv_format, requested)
 
     @abc.abstractmethod
     def run(self, task: Task, trial: TrialSpec, report: Reporter) -> TrialResult:

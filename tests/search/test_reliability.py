@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 from mlflow import MlflowClient
 
@@ -304,6 +305,25 @@ def test_the_same_seed_samples_and_scores_the_same_trials(workdir):
     assert first == second and len(first) == 3
 
 
+def _kill_cluster(*markers: str) -> None:
+    """Kill every process of the test cluster (its command line names its temp dir or GCS
+    address) and check that none is left."""
+
+    def matching() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            line = " ".join(proc.info["cmdline"] or [])
+            if proc.pid != os.getpid() and any(m in line for m in markers):
+                found.append(proc)
+        return found
+
+    for proc in matching():
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(matching(), timeout=30)
+    assert not matching(), "processes of the test cluster survived"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -412,11 +432,5 @@ def test_a_search_on_a_two_node_ray_cluster_survives_losing_the_worker(workdir):
         nodes_used = {c.data.tags.get("ray_node") for c in finished(children)}
         assert head_id in nodes_used
     finally:
-        for line in subprocess.run(
-            ["ps", "-eo", "pid,args"], capture_output=True, text=True
-        ).stdout.splitlines()[1:]:
-            pid, _, args = line.strip().partition(" ")
-            if str(temp) in args or f"127.0.0.1:{port}" in args:
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), signal.SIGKILL)
+        _kill_cluster(str(temp), f"127.0.0.1:{port}")
         shutil.rmtree(temp, ignore_errors=True)

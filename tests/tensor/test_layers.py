@@ -13,9 +13,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from tdsearch.tensor import LayerInfo, LayerRanks, feasible_ranks, make_spec, rank_limits
+from tdsearch.tensor.counting import count_flops
 from tdsearch.tensor.decompose import conv_to_tt3, tt_svd, tt_to_full
 from tdsearch.tensor.layers import (
     LowRankSparseConv2d,
+    LowRankSparseLinear,
     TTConv2d,
     class_for,
     keep_filters,
@@ -161,6 +163,27 @@ def test_lowrank_plus_sparse_equals_dense_conv_of_l_plus_s(fmt):
     expected = F.conv2d(x, dense, layer.bias, padding=1)
     torch.testing.assert_close(compact(x), expected, atol=1e-9, rtol=1e-9)
     assert compact.layer_ranks() == spec
+
+
+@pytest.mark.parametrize("fmt,ranks", [("tt-matrix", (3,)), ("svd", (4,))])
+def test_lowrank_plus_sparse_linear_equals_dense_linear_of_l_plus_s(fmt, ranks):
+    """The linear L + S layer (S keeps κ output rows) computes x (L + S)ᵀ + b, stores and
+    counts only the κ rows of S, and knows its table entry."""
+    torch.manual_seed(8)
+    layer = nn.Linear(12, 10)
+    info = _info(layer)
+    spec = make_spec(info, fmt, ranks, cores=2, kappa=3)
+    compact = class_for(spec, "linear").from_dense(layer, spec)
+    assert isinstance(compact, LowRankSparseLinear)
+    assert compact.sparse.weight.shape == (3, 12)
+    x = torch.randn(4, 12)
+    dense = compact.lowrank.dense_weight() + compact.sparse_dense_weight()
+    torch.testing.assert_close(compact(x), F.linear(x, dense, layer.bias), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(compact.dense_weight(), dense)
+    assert compact.layer_ranks() == spec
+    weights = LowRankSparseLinear.weight_params((10, 12), spec)
+    assert sum(p.numel() for p in compact.parameters()) == weights + 10
+    assert count_flops(compact, (12,)) == LowRankSparseLinear.weight_macs((10, 12), spec, 1, 1)
 
 
 def test_from_dense_without_init_only_builds_shapes():

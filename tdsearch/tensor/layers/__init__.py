@@ -5,7 +5,12 @@ from __future__ import annotations
 from torch import nn
 
 from tdsearch.tensor.layers._base import ConvGeometry, FactorizedLayer, tt_rank_limits
-from tdsearch.tensor.layers._lowrank_sparse import LowRankSparseConv2d, filter_norms, keep_filters
+from tdsearch.tensor.layers._lowrank_sparse import (
+    LowRankSparseConv2d,
+    LowRankSparseLinear,
+    filter_norms,
+    keep_filters,
+)
 from tdsearch.tensor.layers._registry import LAYER_CLASSES, layer_class
 from tdsearch.tensor.layers._svd import SVDConv2d, SVDLinear
 from tdsearch.tensor.layers._tt_conv import TTConv2d
@@ -26,10 +31,8 @@ def layer_kind(layer: nn.Module) -> str | None:
 def class_for(spec: LayerRanks, kind: str) -> type[FactorizedLayer]:
     """The layer class that realises ``spec`` on a ``kind`` layer (L+S when it has a κ)."""
     if spec.kappa is not None:
-        if kind != "conv":
-            raise ValueError("kappa (the CEPD sparse branch) applies to conv layers only")
-        layer_class(spec.format, kind)  # the low-rank part must exist for convs
-        return LowRankSparseConv2d
+        layer_class(spec.format, kind)  # the low-rank part must exist for this kind
+        return LowRankSparseConv2d if kind == "conv" else LowRankSparseLinear
     return layer_class(spec.format, kind)
 
 
@@ -38,6 +41,7 @@ __all__ = [
     "ConvGeometry",
     "FactorizedLayer",
     "LowRankSparseConv2d",
+    "LowRankSparseLinear",
     "SVDConv2d",
     "SVDLinear",
     "TTConv2d",

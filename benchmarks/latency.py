@@ -1,0 +1,102 @@
+"""Which factorized formats really run faster on a CPU?
+
+For LeNet-5 (1x28x28) and ResNet-20 (3x32x32), every searched layer (all but the first conv
+and the last linear) is put in one format at the same fraction of its largest useful rank;
+the table gives the FLOPs (MACs) reduction next to the speed-up measured against the dense
+model, at batch 1 and batch 256. Dense and compact models are timed alternately in one process
+(median of repeated runs), so the ratios are comparable even on a shared, noisy machine.
+
+    python benchmarks/latency.py            # a few minutes on a 2-core CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+from dataclasses import replace
+
+import torch
+
+from tdsearch.models import build_model
+from tdsearch.spaces import build_space
+from tdsearch.tensor import (
+    RankTable,
+    compress,
+    count_flops,
+    count_params,
+    decomposable_layers,
+    measure_latency,
+)
+
+MODELS = {"lenet5": ((1, 28, 28), 10), "resnet20": ((3, 32, 32), 10)}
+FORMATS = ["tt", "tt-matrix", "tucker2", "svd", "cepd (tt + 10% filters)"]
+
+
+def compact_model(name: str, fmt: str, fraction: float) -> torch.nn.Module:
+    shape, classes = MODELS[name]
+    dense = build_model(name, shape, classes).eval()
+    infos = decomposable_layers(dense, shape)
+    conv_format = "tt" if fmt.startswith("cepd") else fmt
+    space = build_space(infos, method="latency", conv_format=conv_format)
+    table = space.rank_table(space.uniform_config(fraction))
+    if fmt.startswith("cepd"):
+        kinds = {i.name: i for i in infos}
+        table = RankTable(
+            (
+                layer,
+                replace(spec, kappa=math.ceil(0.1 * kinds[layer].weight_shape[0]))
+                if kinds[layer].kind == "conv"
+                else spec,
+            )
+            for layer, spec in table.items()
+        )
+    return compress(dense, table).eval()
+
+
+def timed_pair(dense, compact, shape, batch: int, rounds: int) -> tuple[float, float]:
+    """Median latencies (ms) of dense and compact, measured alternately."""
+    dense_times, compact_times = [], []
+    repeats = 20 if batch == 1 else 3
+    for _ in range(rounds):
+        dense_times.append(measure_latency(dense, shape, batch_size=batch, repeats=repeats))
+        compact_times.append(measure_latency(compact, shape, batch_size=batch, repeats=repeats))
+    dense_times.sort()
+    compact_times.sort()
+    return dense_times[len(dense_times) // 2], compact_times[len(compact_times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}\n")
+    print(
+        "| model | format | rank fraction | params ↓ | MACs ↓ | speed-up b=1 | speed-up b=256 |"
+        " speed-up / MACs ↓ at b=256 |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (shape, classes) in MODELS.items():
+        dense = build_model(name, shape, classes).eval()
+        dense_macs, dense_params = count_flops(dense, shape), count_params(dense)
+        for fmt in FORMATS:
+            for fraction in args.fractions:
+                compact = compact_model(name, fmt, fraction)
+                reduction = dense_macs / count_flops(compact, shape)
+                speedups = []
+                for batch in (1, 256):
+                    d, c = timed_pair(dense, compact, shape, batch, args.rounds)
+                    speedups.append(d / c)
+                print(
+                    f"| {name} | {fmt} | {fraction:.2f} | "
+                    f"{dense_params / count_params(compact):.1f}x | {reduction:.2f}x | "
+                    f"{speedups[0]:.2f}x | {speedups[1]:.2f}x | "
+                    f"{speedups[1] / reduction:.2f} |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()

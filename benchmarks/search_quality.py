@@ -1,0 +1,244 @@
+"""Does tdsearch find better trade-offs per trial than what a user would do without it?
+
+On LeNet-5 / Fashion-MNIST with the decompose trainer, each repetition (seed) runs, through the
+real ``tdsearch`` command:
+
+* tdsearch with TPE (multi-objective), NSGA-II, and TPE after informed uniform starts,
+* plain random search over the same space (``--sampler random``),
+* a uniform-rank sweep: one rank fraction for all layers, evenly spread (``--initial-trials``),
+
+all with the same space, trainer, epochs, training subset and seed, and reports the hypervolume
+of (validation accuracy, log10 params) and (accuracy, log10 MACs) at budgets 20 and 50 (the
+first 20 trials of a 50-trial search), the best compression within 0.5 / 1.0 accuracy points of
+the baseline, and the number of trials each needed to reach the 20-point uniform sweep's
+hypervolume. Plots the fronts of the first repetition in one figure.
+
+    python benchmarks/search_quality.py --reps 3            # ~1 h on a quiet 2-core CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tdsearch.mlflow.tracking import Tracker
+from tdsearch.search.progress import front_frame
+from tdsearch.search.summary import best_compression_within, hypervolume, usable_trials
+
+#: method -> (short name, flags)
+ARMS = {
+    "tdsearch TPE": ("tpe", ["--sampler", "tpe"]),
+    "tdsearch TPE + 5 uniform starts": (
+        "tpe-starts",
+        ["--sampler", "tpe", "--initial-trials", "5"],
+    ),
+    "tdsearch NSGA-II": ("nsga2", ["--sampler", "nsga2"]),
+    "random search": ("random", ["--sampler", "random"]),
+}
+
+
+def run_search(
+    out: Path, name: str, budget: int, seed: int, extra: list[str], common: list[str]
+) -> None:
+    """Run one search as a user would (resuming it if an earlier run was interrupted)."""
+    if (out / "runs" / name).is_dir():
+        extra = [*extra, "--resume", name]
+    command = [
+        sys.executable,
+        "-m",
+        "tdsearch",
+        "--budget",
+        str(budget),
+        "--seed",
+        str(seed),
+        "--name",
+        name,
+        "--tracking-uri",
+        f"sqlite:///{out}/bench.db",
+        "--storage",
+        str(out / "runs"),
+        "--experiment",
+        "search-quality",
+        *common,
+        *extra,
+    ]
+    result = subprocess.run(command, cwd=out, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+
+
+def trials_of(tracker: Tracker, name: str) -> pd.DataFrame:
+    parent = tracker.find_searches(name)[0]
+    frame = tracker.trials_frame(parent.info.run_id).sort_values("trial")
+    return usable_trials(frame)
+
+
+def reach(frame: pd.DataFrame, target: float, baseline: dict) -> float:
+    """Fewest trials (in order) whose params hypervolume reaches ``target``; inf if never."""
+    for n in range(1, len(frame) + 1):
+        if hypervolume(frame.head(n), "params", baseline) >= target - 1e-12:
+            return float(n)
+    return math.inf
+
+
+def measure(frame: pd.DataFrame, baseline: dict, budget: int) -> dict[str, float]:
+    head = frame[frame["trial"] <= budget]
+    acc = baseline["val_accuracy"]
+    return {
+        f"HV params @{budget}": hypervolume(head, "params", baseline),
+        f"HV MACs @{budget}": hypervolume(head, "flops", baseline),
+        f"best compr. ≤0.5pt @{budget}": best_compression_within(head, acc, 0.5),
+        f"best compr. ≤1.0pt @{budget}": best_compression_within(head, acc, 1.0),
+    }
+
+
+def plot(fronts: dict[str, pd.DataFrame], baseline: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
+    for ax, cost in zip(axes, ("params", "flops"), strict=True):
+        for k, (name, frame) in enumerate(fronts.items()):
+            front = front_frame(frame, ["accuracy", cost]).sort_values(cost)
+            ax.step(front[cost], front["val_accuracy"], where="post", color=f"C{k}", label=name)
+            ax.scatter(front[cost], front["val_accuracy"], s=16, color=f"C{k}")
+        ax.scatter(
+            [baseline[cost]],
+            [baseline["val_accuracy"]],
+            marker="*",
+            s=150,
+            color="red",
+            label="dense baseline",
+        )
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters" if cost == "params" else "MACs")
+        ax.set_ylabel("validation accuracy")
+        ax.set_ylim(baseline["val_accuracy"] - 0.10, baseline["val_accuracy"] + 0.01)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("Pareto fronts after 50 trials (uniform sweeps: 20 and 50 points), seed 0")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--budget", type=int, default=50)
+    parser.add_argument(
+        "--sweeps",
+        type=int,
+        nargs=2,
+        default=(20, 50),
+        help="points of the two uniform sweeps (the first is the target)",
+    )
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--max-train-samples", type=int, default=8000)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/tdsearch-bench/search_quality"))
+    parser.add_argument("--plot", type=Path, default=Path("docs/images/search_quality.png"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    common = [
+        "--dataset",
+        "fashion-mnist",
+        "--epochs",
+        str(args.epochs),
+        "--early-stopping",
+        "none",
+        "--max-train-samples",
+        str(args.max_train_samples),
+        "--cache-dir",
+        str(args.out / "cache"),
+    ]
+    tracker = Tracker(f"sqlite:///{args.out}/bench.db", "search-quality")
+    tracker.connect()
+
+    def done(name: str) -> bool:  # lets an interrupted benchmark be run again
+        return any(r.info.status == "FINISHED" for r in tracker.find_searches(name))
+
+    rows = []
+    for rep in range(args.reps):
+        names = {arm: f"{short}-seed{rep}" for arm, (short, _) in ARMS.items()}
+        for arm, (_, extra) in ARMS.items():
+            if not done(names[arm]):
+                run_search(args.out, names[arm], args.budget, rep, extra, common)
+        for size in args.sweeps:
+            name = f"uniform{size}-seed{rep}"
+            if not done(name):
+                run_search(
+                    args.out,
+                    name,
+                    size,
+                    rep,
+                    ["--sampler", "random", "--initial-trials", str(size)],
+                    common,
+                )
+        parent = tracker.find_searches(names["tdsearch TPE"])[0]
+        baseline = {
+            k[len("baseline_") :]: v
+            for k, v in parent.data.metrics.items()
+            if k.startswith("baseline_")
+        }
+        small = args.sweeps[0]
+        sweep20 = trials_of(tracker, f"uniform{small}-seed{rep}")
+        target = hypervolume(sweep20, "params", baseline)
+        fronts = {}
+        for arm in ARMS:
+            frame = trials_of(tracker, names[arm])
+            fronts[arm] = frame
+            row = {
+                "method": arm,
+                "rep": rep,
+                **measure(frame, baseline, small),
+                **measure(frame, baseline, args.budget),
+                "trials to reach sweep-20 HV": reach(frame, target, baseline),
+            }
+            rows.append(row)
+        for size in args.sweeps:
+            frame = trials_of(tracker, f"uniform{size}-seed{rep}")
+            fronts[f"uniform sweep ({size})"] = frame
+            row = {
+                "method": f"uniform sweep ({size})",
+                "rep": rep,
+                **measure(frame, baseline, size),
+            }
+            if size == small:
+                row["trials to reach sweep-20 HV"] = reach(frame, target, baseline)
+            rows.append(row)
+        if rep == 0:
+            plot(fronts, baseline, args.plot)
+    table = pd.DataFrame(rows)
+    table.to_csv(args.out / "search_quality.csv", index=False)
+    metrics = [c for c in table.columns if c not in ("method", "rep")]
+    print(
+        f"\nLeNet-5 / Fashion-MNIST, decompose, {args.epochs} epoch(s) per trial on "
+        f"{args.max_train_samples} training images, {args.reps} seeds, mean ± std\n"
+    )
+    print("| method | " + " | ".join(metrics) + " |")
+    print("|---|" + "---|" * len(metrics))
+    for method, group in table.groupby("method", sort=False):
+        cells = []
+        for m in metrics:
+            values = group[m].dropna().to_numpy(dtype=float)
+            if len(values) == 0:
+                cells.append("")
+            elif np.isinf(values).any():
+                cells.append(f"{np.sum(np.isinf(values))}/{len(values)} never")
+            else:
+                cells.append(f"{values.mean():.3f} ± {values.std():.3f}")
+        print(f"| {method} | " + " | ".join(cells) + " |")
+    print("\nper repetition: " + str(args.out / "search_quality.csv"))
+    print(f"machine: {os.cpu_count()} CPUs; plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
