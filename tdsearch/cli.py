@@ -113,7 +113,7 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--linear-format",
         help="format of linear layers: svd (default) or tt-matrix (the default with "
-        "--format tt-matrix)",
+        "--format tt-matrix and with --method admm-tt)",
     )
     g.add_argument(
         "--option",

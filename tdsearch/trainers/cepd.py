@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from torch import nn
+
 from tdsearch.spaces import Dimension
 from tdsearch.task import Task
 from tdsearch.tensor import LayerInfo, LayerRanks, RankTable, table_of
@@ -68,7 +70,8 @@ class Cepd(Trainer):
     epochs of the L + S model (``model=None``; ``admm_residual_lowrank`` = Σ‖L − L̂‖,
     ``admm_residual_sparse`` = Σ‖S − Ŝ‖, per block ``admm_residual.<layer>.lowrank`` /
     ``.sparse``; params / FLOPs of the compact model, both branches), then ``train.epochs``
-    fine-tuning epochs of the compact model."""
+    fine-tuning epochs of the compact model. Every report also carries ``kept_filters`` (Σκ)
+    and ``kept_filters.<layer>``."""
 
     name = "cepd"
     options_class = CepdOptions
@@ -130,17 +133,24 @@ class Cepd(Trainer):
             every=self.options.update_every,
             unit=self.options.update_unit,
         )
+        kept = kept_filters(table)
+
+        def report_with_kept(
+            metrics: dict[str, float], model: nn.Module | None, *, final: bool = False
+        ) -> None:
+            report({**metrics, **kept}, model, final=final)
+
         compact, metrics = admm_then_fine_tune(
             model,
             task,
             trial,
-            report,
+            report_with_kept,
             admm=admm,
             epochs=self.options.admm_epochs,
             table=table,
             compact=lambda trained: compact_model(trained, table),
         )
-        return TrialResult(compact, table_of(compact), metrics)
+        return TrialResult(compact, table_of(compact), {**metrics, **kept})
 
     def _sparse(self, kind: str) -> bool:
         return kind == "conv" or self.options.sparse_linear
@@ -155,6 +165,15 @@ class Cepd(Trainer):
                 return float(hyperparameters[key])
         low, high = self.options.kappa
         return min(max(DEFAULT_KAPPA_FRACTION, low), high)
+
+
+def kept_filters(table: RankTable) -> dict[str, float]:
+    """``kept_filters`` (Σκ over the layers with an S) and ``kept_filters.<layer>``: how much
+    of the model the sparse branch holds, so users can sort and filter trials by it."""
+    per_layer = {
+        f"kept_filters.{name}": float(spec.kappa) for name, spec in table.items() if spec.kappa
+    }
+    return {"kept_filters": sum(per_layer.values()), **per_layer}
 
 
 def split_blocks(name: str, split: LowRankPlusSparse, spec: LayerRanks) -> list[Block]:

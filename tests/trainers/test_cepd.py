@@ -207,6 +207,8 @@ def test_cepd_reports_every_epoch_and_ends_with_the_compact_model(cepd_run, fmni
     # params / FLOPs of every report are the compact model's, both branches counted
     assert {r["params"] for r in reporter.reports} == {count_params(result.model)}
     assert reporter.reports[-1]["decomposition_error"] < 0.5
+    assert all(r["kept_filters"] == 5 + 50 for r in reporter.reports)
+    assert reporter.reports[-1]["kept_filters.fc1"] == 50
 
 
 def test_cepd_compact_model_round_trips_through_a_checkpoint(cepd_run, fmnist_task, tmp_path):

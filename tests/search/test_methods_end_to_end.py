@@ -1,0 +1,74 @@
+"""Every paper method through the whole product path, as a user runs it: `tdsearch --method …`
+(Ray Tune trial, MLflow run with the method's own metrics), then `tdsearch export` of a
+checkpoint that reloads to what the trial reported."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+import tdsearch
+from tdsearch.config import SearchConfig
+from tdsearch.task import load_task
+from tdsearch.training import evaluate
+
+from .test_search_end_to_end import run
+
+#: method → (extra flags, a metric only that method reports, per epoch)
+METHODS = {
+    "admm-tt": (["-o", "admm_epochs=1"], "admm_residual"),
+    "admm-tucker": (["-o", "admm_epochs=1"], "admm_residual"),
+    "cepd": (["-o", "admm_epochs=1"], "kept_filters"),
+    "mars": ([], "temperature"),
+    "adaptive-tucker": ([], "selected_rank_sum"),
+}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """One folder for all methods: they share the baseline cache and the MLflow store."""
+    return tmp_path_factory.mktemp("methods")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_searches_logs_its_metrics_and_exports(root, method):
+    flags, own_metric = METHODS[method]
+    common = ["--dataset", "digits", "--baseline-epochs", "8", "--cache-dir", str(root / "cache")]
+    result = run(
+        *common,
+        "--method",
+        method,
+        *flags,
+        "--budget",
+        "1",
+        "--epochs",
+        "1",
+        "--early-stopping",
+        "none",
+        "--name",
+        method,
+        cwd=root,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("tdsearch")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parent = next(
+        r
+        for r in runs
+        if r.data.tags.get("tdsearch.role") == "search" and r.info.run_name == method
+    )
+    (child,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert child.info.status == "FINISHED"
+    assert own_metric in child.data.metrics
+
+    export = run("export", "--name", method, "--checkpoint", f"{method}.pt", cwd=root)
+    assert export.returncode == 0, export.stderr
+    config = SearchConfig.from_sources(None, {"dataset": "digits", "baseline_epochs": 8})
+    task = load_task(config.task_spec(), cache_dir=root / "cache", log=lambda _: None)
+    model = tdsearch.load_compressed(root / f"{method}.pt")
+    assert sum(p.numel() for p in model.parameters()) == child.data.metrics["params"]
+    accuracy, _ = evaluate(model, task.data, task.data.val, device=torch.device("cpu"))
+    assert accuracy == pytest.approx(child.data.metrics["val_accuracy"], abs=1e-9)
