@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from torch import nn
 
 from tdsearch.cli import main
 
@@ -55,6 +57,29 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys, ar
     assert lines[0].startswith("tdsearch: error: ")
     assert message in lines[0]
     assert not list(tmp_path.iterdir()) or not (tmp_path / "runs").exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"\x00garbage", "cannot read weights file"),
+        (None, "does not match the model: missing conv1.weight"),
+    ],
+)
+def test_corrupt_or_mismatched_weights_are_one_line(
+    tmp_path, monkeypatch, capsys, content, message
+):
+    monkeypatch.chdir(tmp_path)
+    weights = tmp_path / "weights.pt"
+    if content is None:
+        torch.save(nn.Linear(3, 4).state_dict(), weights)
+    else:
+        weights.write_bytes(content)
+    args = ["--dataset", "digits", "--weights", str(weights), "--storage", str(tmp_path / "runs")]
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_real_process_exits_2_without_traceback(tmp_path):

@@ -172,3 +172,13 @@ def test_a_second_search_never_reuses_the_first_ones_name(search):
     assert clash.returncode == 2
     assert "already exists" in clash.stderr and "--resume" in clash.stderr
     assert (root / "tdsearch-runs" / "e2e" / "tdsearch.json").read_text() == state_before
+
+
+def test_export_constraints_no_trial_meets_are_a_one_line_error(search):
+    root = search["root"]
+    before = sorted(p.name for p in root.iterdir())
+    result = run("export", "--max-params", "1", "-o", "never.yaml", cwd=root)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("tdsearch: error: no finished trial meets")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in root.iterdir()) == before  # nothing written

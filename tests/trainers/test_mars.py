@@ -179,7 +179,7 @@ def test_toy_experiment_recovers_the_true_rank(true_rank, alpha, one_thread):
     """Section 4.1 / Table 1: starting from rank 32, MARS selects a rank near r* (paper:
     8.4 ± 0.5, 12.6 ± 0.7, 18 ± 1.3) with an accurate classifier (paper: 85-92%). One seed
     per case here; ``benchmarks/mars_toy.py`` gives the spread over many (an occasional seed
-    lands 1 below or up to 6 above r*, see docs/benchmarks/mars.md)."""
+    lands 1 below or up to 6 above r*, see docs/BENCHMARKS.md)."""
     rank, accuracy = _toy_module().mars_run(true_rank, alpha, seed=0)
     assert true_rank - 1 <= rank <= true_rank + 3
     assert accuracy > 0.82
