@@ -26,6 +26,7 @@ TABLE_COLUMNS = [
     "flops",
     "compression_ratio",
     "flops_reduction",
+    "latency_ms",
     "run_id",
 ]
 

@@ -34,6 +34,7 @@ def front_frame(frame: pd.DataFrame, objectives: Sequence[str]) -> pd.DataFrame:
 
 def format_front(front: pd.DataFrame, baseline_accuracy: float | None = None) -> str:
     rows = []
+    latency = "latency_ms" in front and front["latency_ms"].notna().any()
     for _, row in front.iterrows():
         drop = ""
         if baseline_accuracy is not None:
@@ -47,9 +48,11 @@ def format_front(front: pd.DataFrame, baseline_accuracy: float | None = None) ->
                 f"{row.get('compression_ratio', float('nan')):.1f}x",
                 human_count(row["flops"]),
                 f"{row.get('flops_reduction', float('nan')):.1f}x",
+                *([f"{row['latency_ms']:.2f}"] if latency else []),
             ]
         )
-    return format_table(rows, ["trial", "val_acc", "Δ pts", "params", "compress", "MACs", "MACs ↓"])
+    headers = ["trial", "val_acc", "Δ pts", "params", "compress", "MACs", "MACs ↓"]
+    return format_table(rows, headers + (["latency ms"] if latency else []))
 
 
 class ProgressPrinter(Callback):

@@ -4,6 +4,7 @@ checkpoint that reloads to what the trial reported."""
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -72,3 +73,41 @@ def test_method_searches_logs_its_metrics_and_exports(root, method):
     assert sum(p.numel() for p in model.parameters()) == child.data.metrics["params"]
     accuracy, _ = evaluate(model, task.data, task.data.val, device=torch.device("cpu"))
     assert accuracy == pytest.approx(child.data.metrics["val_accuracy"], abs=1e-9)
+
+
+def test_measured_latency_as_an_objective(root):
+    """`--objectives accuracy,params,latency`: every trial measures its compact model's CPU
+    latency, and the front is computed over it."""
+    common = ["--dataset", "digits", "--baseline-epochs", "8", "--cache-dir", str(root / "cache")]
+    result = run(
+        *common,
+        "--objectives",
+        "accuracy,params,latency",
+        "--latency-batch",
+        "4",
+        "--budget",
+        "2",
+        "--epochs",
+        "1",
+        "--early-stopping",
+        "none",
+        "--name",
+        "latency",
+        cwd=root,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("tdsearch")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parent = next(
+        r
+        for r in runs
+        if r.data.tags.get("tdsearch.role") == "search" and r.info.run_name == "latency"
+    )
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2
+    assert all(c.data.metrics["latency_ms"] > 0 for c in children)
+    local = client.download_artifacts(parent.info.run_id, "pareto/pareto.csv", str(root))
+    front = pd.read_csv(local)
+    assert front["latency_ms"].gt(0).all()
+    assert "latency ms" in result.stdout  # the printed front shows it too
