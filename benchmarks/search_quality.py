@@ -141,11 +141,21 @@ def main() -> None:
         default=(20, 50),
         help="points of the two uniform sweeps (the first is the target)",
     )
+    parser.add_argument(
+        "--arms",
+        default=",".join(short for short, _ in ARMS.values()),
+        help="comma-separated short names of the tdsearch / random arms to run",
+    )
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--max-train-samples", type=int, default=8000)
     parser.add_argument("--out", type=Path, default=Path("/tmp/tdsearch-bench/search_quality"))
     parser.add_argument("--plot", type=Path, default=Path("docs/images/search_quality.png"))
     args = parser.parse_args()
+    chosen = set(args.arms.split(","))
+    unknown = chosen - {short for short, _ in ARMS.values()}
+    if unknown or "tpe" not in chosen:
+        parser.error(f"--arms: unknown {sorted(unknown)} or tpe missing (the plot's reference)")
+    arms = {arm: value for arm, value in ARMS.items() if value[0] in chosen}
     args.out.mkdir(parents=True, exist_ok=True)
     common = [
         "--dataset",
@@ -167,8 +177,8 @@ def main() -> None:
 
     rows = []
     for rep in range(args.reps):
-        names = {arm: f"{short}-seed{rep}" for arm, (short, _) in ARMS.items()}
-        for arm, (_, extra) in ARMS.items():
+        names = {arm: f"{short}-seed{rep}" for arm, (short, _) in arms.items()}
+        for arm, (_, extra) in arms.items():
             if not done(names[arm]):
                 run_search(args.out, names[arm], args.budget, rep, extra, common)
         for size in args.sweeps:
@@ -192,7 +202,7 @@ def main() -> None:
         sweep20 = trials_of(tracker, f"uniform{small}-seed{rep}")
         target = hypervolume(sweep20, "params", baseline)
         fronts = {}
-        for arm in ARMS:
+        for arm in arms:
             frame = trials_of(tracker, names[arm])
             fronts[arm] = frame
             row = {
