@@ -74,6 +74,23 @@ def run_search(
         raise RuntimeError(f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
 
 
+def same_baseline(tracker: Tracker, names: list[str]) -> dict[str, float]:
+    """The dense baseline all ``names`` compressed; an error if they differ (e.g. a search left
+    over from an earlier version of this benchmark, whose baseline was trained differently)."""
+    baselines = {}
+    for name in names:
+        parent = tracker.find_searches(name)[0]
+        baselines[name] = {
+            k[len("baseline_") :]: v
+            for k, v in parent.data.metrics.items()
+            if k.startswith("baseline_")
+        }
+    accuracies = {name: b["val_accuracy"] for name, b in baselines.items()}
+    if len(set(accuracies.values())) > 1:
+        raise SystemExit(f"the searches compressed different baselines: {accuracies}")
+    return baselines[names[0]]
+
+
 def trials_of(tracker: Tracker, name: str) -> pd.DataFrame:
     parent = tracker.find_searches(name)[0]
     frame = tracker.trials_frame(parent.info.run_id).sort_values("trial")
@@ -192,12 +209,9 @@ def main() -> None:
                     ["--sampler", "random", "--initial-trials", str(size)],
                     common,
                 )
-        parent = tracker.find_searches(names["tdsearch TPE"])[0]
-        baseline = {
-            k[len("baseline_") :]: v
-            for k, v in parent.data.metrics.items()
-            if k.startswith("baseline_")
-        }
+        baseline = same_baseline(
+            tracker, [*names.values(), *(f"uniform{size}-seed{rep}" for size in args.sweeps)]
+        )
         small = args.sweeps[0]
         sweep20 = trials_of(tracker, f"uniform{small}-seed{rep}")
         target = hypervolume(sweep20, "params", baseline)
