@@ -166,7 +166,9 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--latency-batch", type=_positive_int, help="batch size of latency (1)")
     g.add_argument("--early-stopping", help="pareto (default), asha or none")
-    g.add_argument("--max-failures", type=int, help="retries of a trial whose worker died (1)")
+    g.add_argument(
+        "--max-failures", type=int, help="retries of a trial whose worker or node died (3)"
+    )
     g = p.add_argument_group("where results go")
     g.add_argument("--name", help="search name (default: MODEL-DATASET-METHOD[-N])")
     g.add_argument("--storage", help="Ray Tune state directory (./tdsearch-runs)")

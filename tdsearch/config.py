@@ -68,7 +68,7 @@ class SearchConfig:
     objectives: list[str] = field(default_factory=lambda: ["accuracy", "params", "flops"])
     latency_batch: int = 1
     early_stopping: str = "pareto"
-    max_failures: int = 1
+    max_failures: int = 3
     # where things go
     name: str | None = None
     storage: str = "tdsearch-runs"
