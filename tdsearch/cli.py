@@ -9,6 +9,7 @@ that ``tdsearch layers`` answers at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -70,10 +71,8 @@ def _add_task_options(p: argparse.ArgumentParser, *, defaults: bool = True) -> N
 def _scalar(text: str) -> object:
     """A flag value as int, float, bool or str (YAML would read 1e-3 as a string)."""
     for convert in (int, float):
-        try:
+        with contextlib.suppress(ValueError):
             return convert(text)
-        except ValueError:
-            pass
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     return text

@@ -65,3 +65,19 @@ class RecordingReporter:
 @pytest.fixture
 def reporter() -> RecordingReporter:
     return RecordingReporter()
+
+
+def reload_compressed(result, task: Task, path: Path) -> nn.Module:
+    """Save a trainer's compact model with ``save_compressed`` and load it back: the round
+    trip every trainer's result must survive."""
+    from tdsearch.checkpoint import load_compressed, save_compressed
+
+    save_compressed(
+        path,
+        result.model,
+        result.table,
+        model_spec=task.spec.model,
+        input_shape=task.input_shape,
+        num_classes=task.num_classes,
+    )
+    return load_compressed(path)

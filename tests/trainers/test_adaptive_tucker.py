@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from tdsearch.checkpoint import load_compressed, save_compressed
 from tdsearch.errors import UserError
 from tdsearch.spaces import build_space
 from tdsearch.task import TaskSpec, load_task
@@ -27,7 +26,7 @@ from tdsearch.trainers._adaptive_layers import (
 from tdsearch.trainers._adaptive_ranks import energy_rank, initial_ranks, reselect
 from tdsearch.trainers.adaptive_tucker import AdaptiveSchedule
 from tdsearch.training import TrainSettings, make_optimizer
-from tests.conftest import RecordingReporter
+from tests.conftest import RecordingReporter, reload_compressed
 
 CPU = torch.device("cpu")
 HYPER = {"energy_threshold": 0.15, "decay_fraction": 0.67, "reselect_interval": 1}
@@ -339,15 +338,7 @@ def test_ranks_shrink_and_end_different_across_layers_and_modes(trained):
 
 def test_compact_model_round_trips(trained, fmnist_task, tmp_path):
     _, _, result = trained
-    path = save_compressed(
-        tmp_path / "m.pt",
-        result.model,
-        result.table,
-        model_spec=fmnist_task.spec.model,
-        input_shape=fmnist_task.input_shape,
-        num_classes=fmnist_task.num_classes,
-    )
-    loaded = load_compressed(path)
+    loaded = reload_compressed(result, fmnist_task, tmp_path / "m.pt")
     x, _ = next(fmnist_task.data.batches(fmnist_task.data.val, 64))
     result.model.eval()
     with torch.no_grad():

@@ -10,7 +10,6 @@ import itertools
 import pytest
 import torch
 
-from tdsearch.checkpoint import load_compressed, save_compressed
 from tdsearch.errors import UserError
 from tdsearch.tensor import RankTable, compress, count_params, make_spec, table_of
 from tdsearch.tensor.decompose import (
@@ -33,7 +32,7 @@ from tdsearch.trainers._admm import (
 )
 from tdsearch.trainers.admm import weight_admm
 from tdsearch.training import TrainSettings
-from tests.conftest import RecordingReporter
+from tests.conftest import RecordingReporter, reload_compressed
 
 RHO = 0.3  # large enough for Adam at lr 1e-3 to feel the penalty (see docs/methods/admm.md)
 ADMM_EPOCHS = 5
@@ -227,15 +226,7 @@ def test_without_fine_tuning_the_last_admm_epoch_reports_the_compact_model(fmnis
 
 
 def _round_trip(result, task, tmp_path) -> None:
-    path = save_compressed(
-        tmp_path / "model.pt",
-        result.model,
-        result.table,
-        model_spec=task.spec.model,
-        input_shape=task.input_shape,
-        num_classes=task.num_classes,
-    )
-    loaded = load_compressed(path)
+    loaded = reload_compressed(result, task, tmp_path / "model.pt")
     x = torch.randn(8, *task.input_shape)
     result.model.eval()
     with torch.no_grad():

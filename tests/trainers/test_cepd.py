@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 
-from tdsearch.checkpoint import load_compressed, save_compressed
 from tdsearch.config import SearchConfig
 from tdsearch.errors import UserError
 from tdsearch.search.run import build_search_space
@@ -27,7 +26,7 @@ from tdsearch.trainers import TRAINERS, Cepd, Decompose, TrialSpec, make_trainer
 from tdsearch.trainers._cepd_split import LowRankPlusSparse, compact_model
 from tdsearch.trainers.cepd import CepdOptions, split_blocks
 from tdsearch.training import TrainSettings
-from tests.conftest import RecordingReporter
+from tests.conftest import RecordingReporter, reload_compressed
 
 ADMM_EPOCHS = 4
 KAPPA_FRACTION = 0.1
@@ -213,15 +212,7 @@ def test_cepd_reports_every_epoch_and_ends_with_the_compact_model(cepd_run, fmni
 
 def test_cepd_compact_model_round_trips_through_a_checkpoint(cepd_run, fmnist_task, tmp_path):
     _, result, _ = cepd_run
-    path = save_compressed(
-        tmp_path / "model.pt",
-        result.model,
-        result.table,
-        model_spec=fmnist_task.spec.model,
-        input_shape=fmnist_task.input_shape,
-        num_classes=fmnist_task.num_classes,
-    )
-    loaded = load_compressed(path)
+    loaded = reload_compressed(result, fmnist_task, tmp_path / "model.pt")
     x = torch.randn(8, *fmnist_task.input_shape)
     result.model.eval()
     with torch.no_grad():

@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from tdsearch.checkpoint import load_compressed, save_compressed
 from tdsearch.errors import UserError
 from tdsearch.spaces import build_space
 from tdsearch.tensor import (
@@ -37,6 +36,7 @@ from tdsearch.trainers._mars_masks import (
 )
 from tdsearch.trainers.mars import Mars, MarsOptions, starting_table
 from tdsearch.training import TrainSettings
+from tests.conftest import reload_compressed
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -250,15 +250,7 @@ def test_trainer_contract(fmnist_task, reporter, tmp_path, conv_format):
         isinstance(m, FactorizedLayer) for n, m in result.model.named_children() if n in table
     )
 
-    path = save_compressed(
-        tmp_path / "mars.pt",
-        result.model,
-        result.table,
-        model_spec=fmnist_task.spec.model,
-        input_shape=fmnist_task.input_shape,
-        num_classes=fmnist_task.num_classes,
-    )
-    loaded = load_compressed(path)
+    loaded = reload_compressed(result, fmnist_task, tmp_path / "mars.pt")
     x = torch.randn(5, *fmnist_task.input_shape)
     torch.testing.assert_close(loaded(x), result.model.eval()(x))
 
