@@ -1,13 +1,15 @@
 """How much of a search's wall time is orchestration, not training?
 
 Runs the real ``tdsearch`` command on the default task (LeNet-5 / Fashion-MNIST, decompose,
-2 epochs per trial, no early stopping so that every trial does the same work) with budget 20,
-at concurrency 1 and 2, and reports: wall time, the trials' own training + evaluation time
-(``trial_seconds`` minus ``report_seconds`` as logged per trial), the share of wall time that
-is neither (Ray start, scheduling, Optuna, MLflow logging, checkpoints, the final summary),
-trials per hour, and peak memory of the driver and of a trial.
+2 epochs per trial, no early stopping so that every trial does the same work) with budget 20:
+at concurrency 1 with a fresh worker process per trial (``--fresh-workers``) and with reused
+workers (the default), and at concurrency 2 with reused workers. Reports wall time, the
+trials' own training + evaluation time (``trial_seconds`` minus ``report_seconds`` as logged
+per trial), the share of wall time that is neither (Python imports, Ray start, scheduling,
+Optuna, MLflow logging, checkpoints, the final summary), trials per hour, and peak memory of
+the driver and of a worker.
 
-    python benchmarks/overhead.py            # ~20 min on a quiet 2-core CPU
+    python benchmarks/overhead.py            # ~25 min on a quiet 2-core CPU
 """
 
 from __future__ import annotations
@@ -92,25 +94,35 @@ def main() -> None:
         check=True,
         capture_output=True,
     )
+    setups = {  # (concurrency, workers) -> extra flags
+        (1, "fresh"): ["--fresh-workers"],
+        (1, "reused"): [],
+        (2, "reused"): [],
+    }
     results = {
-        c: run(args.out, f"overhead-c{c}-{stamp}", args.budget, c, args.extra) for c in (1, 2)
+        (c, workers): run(
+            args.out, f"overhead-c{c}-{workers}-{stamp}", args.budget, c, [*flags, *args.extra]
+        )
+        for (c, workers), flags in setups.items()
     }
     print(f"\nbudget {args.budget}, default task; times in seconds\n")
     print(
-        "| concurrency | wall | trials' training + eval | of which reporting | "
-        "not training (share of wall) | trials / hour | driver peak RSS | trial peak RSS |"
+        "| concurrency | workers | wall | trials' training + eval | of which reporting | "
+        "not training (share of wall) | trials / hour | driver peak RSS | worker peak RSS |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for c, r in results.items():
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (c, workers), r in results.items():
         busy = r["train"] / c  # trials overlap at concurrency c
         share = max(0.0, 1 - busy / r["wall"])
         print(
-            f"| {c} | {r['wall']:.0f} | {r['train']:.0f} | {r['report']:.1f} | "
+            f"| {c} | {workers} | {r['wall']:.0f} | {r['train']:.0f} | {r['report']:.1f} | "
             f"{100 * share:.1f}% | {3600 * r['trials'] / r['wall']:.0f} | "
             f"{r['driver_mb']:.0f} MB | {r['trial_mb']:.0f} MB |"
         )
-    speedup = results[1]["wall"] / results[2]["wall"]
-    print(f"\nconcurrency 2 gives {speedup:.2f}x the trials per hour of concurrency 1")
+    reuse = results[1, "fresh"]["wall"] / results[1, "reused"]["wall"]
+    speedup = results[1, "reused"]["wall"] / results[2, "reused"]["wall"]
+    print(f"\nreused workers give {reuse:.2f}x the trials per hour of fresh ones (concurrency 1)")
+    print(f"concurrency 2 gives {speedup:.2f}x the trials per hour of concurrency 1 (reused)")
 
 
 if __name__ == "__main__":

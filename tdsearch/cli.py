@@ -168,6 +168,13 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-failures", type=int, help="retries of a trial whose worker or node died (3)"
     )
+    g.add_argument(
+        "--fresh-workers",
+        dest="reuse_workers",
+        action="store_false",
+        default=None,
+        help="start a new worker process for every trial (default: reuse them)",
+    )
     g = p.add_argument_group("where results go")
     g.add_argument("--name", help="search name (default: MODEL-DATASET-METHOD[-N])")
     g.add_argument("--storage", help="Ray Tune state directory (./tdsearch-runs)")

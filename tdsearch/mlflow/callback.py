@@ -16,6 +16,7 @@ from tdsearch.mlflow.tracking import (
     TAG_ERROR,
     TAG_NODE,
     TAG_STATUS,
+    TAG_WORKER,
     Tracker,
     finite_metrics,
     rank_params,
@@ -119,7 +120,10 @@ class MlflowTrialLogger(Callback):
         if self.ranks_known_at_start:
             self._log_table(trial.trial_id, run_id, result.get("rank_table", ""))
         if result.get("node") and trial.trial_id not in self._tagged_node:
-            self.tracker.set_tags(run_id, {TAG_NODE: result["node"]})
+            tags = {TAG_NODE: result["node"]}
+            if result.get("pid"):
+                tags[TAG_WORKER] = str(result["pid"])  # which process ran it (workers are reused)
+            self.tracker.set_tags(run_id, tags)
             self._tagged_node.add(trial.trial_id)
         if result.get("failed"):  # a trial's failure report is its last one: close the run now
             self._log_table(trial.trial_id, run_id, result.get("rank_table", ""))

@@ -52,8 +52,9 @@ class TuneReporter:
     measures latency when it is an objective, and checkpoints the compact model whenever the
     trainer hands one over, so even a trial stopped early leaves a loadable model behind.
     Every report also carries the trial's wall time so far (``trial_seconds``), the part of it
-    spent reporting and checkpointing (``report_seconds``) and the process's peak memory
-    (``peak_rss_mb``): what the overhead benchmark and a user sizing a cluster need.
+    spent reporting and checkpointing (``report_seconds``) and the worker process's peak memory
+    so far (``peak_rss_mb``; a worker runs trial after trial, so it is the peak over them):
+    what the overhead benchmark and a user sizing a cluster need.
     """
 
     def __init__(self, task: Task, settings: TrialSettings, target: RankTable):

@@ -94,6 +94,12 @@ def test_one_parent_and_one_nested_run_per_trial(search):
         assert child.data.tags["pareto"] in ("true", "false")
 
 
+def test_one_worker_process_runs_trial_after_trial(search):
+    """Workers are reused: imports and the task load are paid once per worker, not per trial."""
+    pids = {c.data.tags["ray_worker_pid"] for c in search["children"]}
+    assert len(pids) < BUDGET
+
+
 def test_pareto_artifacts_exist_and_the_front_is_non_dominated(search, tmp_path):
     client, parent = search["client"], search["parent"]
     names = {a.path for a in client.list_artifacts(parent.info.run_id, "pareto")}
