@@ -35,13 +35,10 @@ from tdsearch.trainers import AdmmTT, Cepd, TrialSpec
 from tdsearch.trainers._admm import Admm, AdmmOptions, Block, admm_epochs
 from tdsearch.trainers.cepd import CepdOptions
 from tdsearch.training import (
+    TrainingPhase,
     TrainSettings,
     evaluate,
-    make_optimizer,
-    make_scheduler,
     seed_everything,
-    steps_per_epoch,
-    train_epoch,
 )
 
 CEPD_RANKS = {"conv2": ("tt", (12, 12)), "fc1": ("tt-matrix", (10, 10))}
@@ -95,22 +92,15 @@ def sparse_only(task: Task, trial: TrialSpec, admm_epoch_count: int) -> tuple[nn
             for name, layer in layers.items():
                 layer.weight[~masks[name]] = 0
 
-    settings = trial.train
-    optimizer = make_optimizer(model.parameters(), settings)
-    scheduler = make_scheduler(
-        optimizer, settings, settings.epochs * steps_per_epoch(task.data, settings.batch_size)
-    )
-    for _ in range(settings.epochs):
-        train_epoch(
-            model,
-            task.data,
-            optimizer,
-            batch_size=settings.batch_size,
-            generator=generator,
-            device=trial.device,
-            scheduler=scheduler,
-            after_step=reapply_masks,
-        )
+    for _ in TrainingPhase(
+        model,
+        task.data,
+        trial.train,
+        generator=generator,
+        device=trial.device,
+        after_step=reapply_masks,
+    ):
+        pass
     params, flops = task.baseline_metrics["params"], task.baseline_metrics["flops"]
     infos = {info.name: info for info in task.layers}
     for name, kept in SPARSE_KEPT.items():

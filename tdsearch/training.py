@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -153,6 +153,58 @@ def evaluate(
     return correct / max(count, 1), loss / max(count, 1)
 
 
+class TrainingPhase:
+    """``settings.epochs`` epochs of training under one optimiser and one learning-rate
+    schedule that spans them all.
+
+    Iterating yields ``(epoch, mean training loss)`` after each epoch, so a method does its
+    own work between epochs (evaluate and report, ADMM's Z / U step, rank reselection) without
+    restarting the schedule; ``optimizer`` is exposed for methods that swap parameters.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Dataset,
+        settings: TrainSettings,
+        *,
+        generator: torch.Generator,
+        device: torch.device,
+        params: Iterable[nn.Parameter] | None = None,
+        extra_loss: Callable[[], torch.Tensor] | None = None,
+        after_step: Callable[[], None] | None = None,
+    ):
+        self.model, self.data, self.settings = model, data, settings
+        self.generator, self.device = generator, device
+        self.extra_loss, self.after_step = extra_loss, after_step
+        self.optimizer = make_optimizer(model.parameters() if params is None else params, settings)
+        self.scheduler = make_scheduler(
+            self.optimizer, settings, settings.epochs * steps_per_epoch(data, settings.batch_size)
+        )
+
+    def __iter__(self) -> Iterator[tuple[int, float]]:
+        for epoch in range(1, self.settings.epochs + 1):
+            yield epoch, self.epoch()
+
+    def epoch(
+        self,
+        extra_loss: Callable[[], torch.Tensor] | None = None,
+        after_step: Callable[[], None] | None = None,
+    ) -> float:
+        """One more epoch (hooks default to the phase's); the mean training loss."""
+        return train_epoch(
+            self.model,
+            self.data,
+            self.optimizer,
+            batch_size=self.settings.batch_size,
+            generator=self.generator,
+            device=self.device,
+            scheduler=self.scheduler,
+            extra_loss=extra_loss or self.extra_loss,
+            after_step=after_step or self.after_step,
+        )
+
+
 def fit(
     model: nn.Module,
     data: Dataset,
@@ -163,19 +215,6 @@ def fit(
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> None:
     """Train for ``settings.epochs`` epochs, calling ``on_epoch(epoch, train_loss)`` after each."""
-    optimizer = make_optimizer(model.parameters(), settings)
-    scheduler = make_scheduler(
-        optimizer, settings, settings.epochs * steps_per_epoch(data, settings.batch_size)
-    )
-    for epoch in range(1, settings.epochs + 1):
-        loss = train_epoch(
-            model,
-            data,
-            optimizer,
-            batch_size=settings.batch_size,
-            generator=generator,
-            device=device,
-            scheduler=scheduler,
-        )
+    for epoch, loss in TrainingPhase(model, data, settings, generator=generator, device=device):
         if on_epoch is not None:
             on_epoch(epoch, loss)

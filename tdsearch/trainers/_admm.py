@@ -32,11 +32,8 @@ from tdsearch.tensor.layers import class_for, layer_kind
 from tdsearch.trainers._base import Reporter, TrialSpec, measure
 from tdsearch.trainers._fine_tune import fine_tune
 from tdsearch.training import (
+    TrainingPhase,
     evaluate,
-    make_optimizer,
-    make_scheduler,
-    steps_per_epoch,
-    train_epoch,
 )
 
 #: Z / U update intervals can count epochs (the authors' code) or optimiser steps.
@@ -248,23 +245,16 @@ def admm_epochs(
     schedule over this phase); yield, after each epoch and its Z / U step, the validation
     accuracy and loss of ``model``, the mean training loss (penalty included), the 1-based
     epoch and the residuals."""
-    settings = dataclasses.replace(trial.train, epochs=epochs)
-    optimizer = make_optimizer(model.parameters(), settings)
-    scheduler = make_scheduler(
-        optimizer, settings, epochs * steps_per_epoch(task.data, settings.batch_size)
+    phase = TrainingPhase(
+        model,
+        task.data,
+        dataclasses.replace(trial.train, epochs=epochs),
+        generator=generator,
+        device=trial.device,
+        extra_loss=admm.penalty,
+        after_step=admm.after_step,
     )
-    for epoch in range(1, epochs + 1):
-        loss = train_epoch(
-            model,
-            task.data,
-            optimizer,
-            batch_size=settings.batch_size,
-            generator=generator,
-            device=trial.device,
-            scheduler=scheduler,
-            extra_loss=admm.penalty,
-            after_step=admm.after_step,
-        )
+    for epoch, loss in phase:
         admm.end_epoch()
         accuracy, val_loss = evaluate(model, task.data, task.data.val, device=trial.device)
         yield {

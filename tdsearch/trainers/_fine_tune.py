@@ -9,13 +9,7 @@ from torch import nn
 
 from tdsearch.task import Task
 from tdsearch.trainers._base import Reporter, TrialSpec, measure
-from tdsearch.training import (
-    TrainSettings,
-    make_optimizer,
-    make_scheduler,
-    steps_per_epoch,
-    train_epoch,
-)
+from tdsearch.training import TrainingPhase, TrainSettings
 
 
 def fine_tune(
@@ -42,23 +36,15 @@ def fine_tune(
     """
     settings = settings or trial.train
     generator = generator or torch.Generator().manual_seed(trial.seed)
-    optimizer = make_optimizer(model.parameters(), settings)
-    scheduler = make_scheduler(
-        optimizer, settings, settings.epochs * steps_per_epoch(task.data, settings.batch_size)
-    )
     metrics: dict[str, float] = {}
-    for k in range(settings.epochs):
-        loss = train_epoch(
-            model,
-            task.data,
-            optimizer,
-            batch_size=settings.batch_size,
-            generator=generator,
-            device=trial.device,
-            scheduler=scheduler,
-        )
-        metrics = {**measure(model, task, trial.device), "loss": loss, "epoch": first_epoch + k}
+    phase = TrainingPhase(model, task.data, settings, generator=generator, device=trial.device)
+    for epoch, loss in phase:
+        metrics = {
+            **measure(model, task, trial.device),
+            "loss": loss,
+            "epoch": first_epoch + epoch - 1,
+        }
         if extra_metrics is not None:
             metrics.update(extra_metrics())
-        report(metrics, model, final=final and k == settings.epochs - 1)
+        report(metrics, model, final=final and epoch == settings.epochs)
     return metrics

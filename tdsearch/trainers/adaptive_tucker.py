@@ -39,7 +39,7 @@ from tdsearch.trainers._adaptive_layers import (
 )
 from tdsearch.trainers._adaptive_ranks import AdaptedLayer, initial_ranks, reselect
 from tdsearch.trainers._base import Reporter, Trainer, TrialResult, TrialSpec, measure
-from tdsearch.training import make_optimizer, make_scheduler, steps_per_epoch, train_epoch
+from tdsearch.training import TrainingPhase, steps_per_epoch
 
 #: The format each kind of layer takes, whatever --format says.
 ADAPTER_FORMATS = {"conv": "tucker2", "linear": "svd"}
@@ -211,9 +211,7 @@ class AdaptiveTucker(Trainer):
             return TrialResult(model, table_of(model), metrics)
 
         self._freeze(model, wrappers)
-        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], settings)
         per_epoch = steps_per_epoch(task.data, settings.batch_size)
-        scheduler = make_scheduler(optimizer, settings, epochs * per_epoch)
         decay_epochs = schedule.decay_epochs(epochs)
         decay_steps = decay_epochs * per_epoch
         generator = torch.Generator().manual_seed(trial.seed)
@@ -226,20 +224,19 @@ class AdaptiveTucker(Trainer):
             for wrapper in wrappers:
                 wrapper.decay = value
 
+        phase = TrainingPhase(
+            model,
+            task.data,
+            settings,
+            generator=generator,
+            device=trial.device,
+            params=[p for p in model.parameters() if p.requires_grad],
+            after_step=advance_decay,
+        )
         metrics: dict[str, float] = {}
-        for epoch in range(1, epochs + 1):
-            loss = train_epoch(
-                model,
-                task.data,
-                optimizer,
-                batch_size=settings.batch_size,
-                generator=generator,
-                device=trial.device,
-                scheduler=scheduler,
-                after_step=advance_decay,
-            )
+        for epoch, loss in phase:
             if schedule.reselects_after(epoch, epochs):
-                self.reselect_ranks(model, names, schedule.energy_threshold, optimizer)
+                self.reselect_ranks(model, names, schedule.energy_threshold, phase.optimizer)
             if epoch == decay_epochs:
                 drop_frozen_branches(model)
             pure = not progressive_layers(model)

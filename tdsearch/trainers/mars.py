@@ -36,11 +36,8 @@ from tdsearch.trainers._mars_masks import (
     compact_copy,
 )
 from tdsearch.training import (
+    TrainingPhase,
     TrainSettings,
-    make_optimizer,
-    make_scheduler,
-    steps_per_epoch,
-    train_epoch,
 )
 
 
@@ -170,12 +167,14 @@ class Mars(Trainer):
 
         logit_ids = {id(p) for p in masks.logits()}
         weights = [p for p in model.parameters() if id(p) not in logit_ids]
-        optimizer = make_optimizer(weights, trial.train)
         mask_epochs = options.warmup_epochs + trial.train.epochs
-        scheduler = make_scheduler(
-            optimizer,
-            trial.train,
-            mask_epochs * steps_per_epoch(task.data, trial.train.batch_size),
+        phase = TrainingPhase(
+            model,
+            task.data,
+            dataclasses.replace(trial.train, epochs=mask_epochs),
+            generator=data_order,
+            device=trial.device,
+            params=weights,
         )
         logit_optimizer = torch.optim.Adam(masks.logits(), lr=options.mask_lr)
 
@@ -193,16 +192,8 @@ class Mars(Trainer):
             masks.set_enabled(not warming_up)
             temperature = schedule.at(index - options.warmup_epochs)
             masks.set_temperature(temperature)
-            loss = train_epoch(
-                model,
-                task.data,
-                optimizer,
-                batch_size=trial.train.batch_size,
-                generator=data_order,
-                device=trial.device,
-                scheduler=scheduler,
-                extra_loss=prior_penalty,
-                after_step=None if warming_up else step_logits,
+            loss = phase.epoch(
+                extra_loss=prior_penalty, after_step=None if warming_up else step_logits
             )
             compact = compact_copy(model)
             metrics = {
