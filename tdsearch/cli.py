@@ -170,8 +170,7 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--fresh-workers",
-        dest="reuse_workers",
-        action="store_false",
+        action="store_true",
         default=None,
         help="start a new worker process for every trial (default: reuse them)",
     )

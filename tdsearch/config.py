@@ -69,7 +69,7 @@ class SearchConfig:
     latency_batch: int = 1
     early_stopping: str = "pareto"
     max_failures: int = 3
-    reuse_workers: bool = True
+    fresh_workers: bool = False
     # where things go
     name: str | None = None
     storage: str = "tdsearch-runs"

@@ -62,3 +62,16 @@ def test_bad_config_files_are_one_sentence(tmp_path, text, message):
 def test_a_missing_config_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         SearchConfig.from_sources(tmp_path / "nope.yaml")
+
+
+def test_workers_are_reused_unless_fresh_ones_are_asked_for(tmp_path):
+    from tdsearch.cli import build_parser, search_config
+
+    def parsed(*flags: str):
+        return search_config(build_parser().parse_args(["search", *flags]))
+
+    assert parsed().fresh_workers is False
+    assert parsed("--fresh-workers").fresh_workers is True
+    path = tmp_path / "search.yaml"
+    path.write_text("fresh-workers: true\n")
+    assert parsed("--config", str(path)).fresh_workers is True

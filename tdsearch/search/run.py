@@ -328,7 +328,7 @@ def _make_tuner(
             max_concurrent_trials=config.concurrency,
             # a worker runs trial after trial: torch, tdsearch and the task are loaded once per
             # worker instead of once per trial (benchmarks/overhead.py measures the difference)
-            reuse_actors=config.reuse_workers,
+            reuse_actors=not config.fresh_workers,
             trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
