@@ -327,7 +327,7 @@ def _make_tuner(
             num_samples=config.budget,
             max_concurrent_trials=config.concurrency,
             # a worker runs trial after trial: torch, tdsearch and the model code are imported
-            # once per worker, not once per trial (benchmarks/overhead.py: 1.5x trials / hour)
+            # once per worker, not once per trial (benchmarks/overhead.py: 1.25-1.5x trials / hour)
             reuse_actors=not config.fresh_workers,
             trial_dirname_creator=trial_dirname,
         ),
