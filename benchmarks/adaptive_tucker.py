@@ -101,7 +101,7 @@ def _searched_table(task: Task, conv_format: str) -> RankTable:
 
 def uniform_table(task: Task, layers: RankTable, target: int, by: str) -> RankTable:
     """Every layer and mode of ``layers`` at one rank r (capped where a layer cannot hold it),
-    r chosen so that the compressed model's params (``by="params"``) or FLOPs (``"flops"``) are
+    r chosen so that the compressed model's params (``by="params"``) or FLOPs (``"macs"``) are
     closest to ``target``."""
     infos = {info.name: info for info in task.layers}
     dense = task.dense_model()
@@ -216,7 +216,7 @@ def table_text(task: Task, runs: list[Run]) -> str:
         "latency b=1 | latency b=256 | final ranks (per seed) |",
         "|---|---|---|---|---|---|---|---|---|",
         f"| dense LeNet-5 | {100 * base['test_accuracy']:.2f} | {base['params']:,} | 1.0x | "
-        f"{base['flops']:,} | 1.0x | 1.00 | 1.00 | conv2 50x20, fc1 500 |",
+        f"{base['macs']:,} | 1.0x | 1.00 | 1.00 | conv2 50x20, fc1 500 |",
     ]
     names = {
         "adaptive": "adaptive Tucker",
@@ -234,7 +234,7 @@ def table_text(task: Task, runs: list[Run]) -> str:
         lines.append(
             f"| {names[method]} | {_mean_std([r.test_accuracy for r in mine], scale=100)} | "
             f"{params:,.0f} | {base['params'] / params:.1f}x | {flops:,.0f} | "
-            f"{base['flops'] / flops:.2f}x | "
+            f"{base['macs'] / flops:.2f}x | "
             f"{_mean_std([r.latency_ratio[1] for r in mine])} | "
             f"{_mean_std([r.latency_ratio[256] for r in mine])} | "
             f"{'; '.join(r.ranks for r in mine)} |"
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
             tables = {
                 "adaptive-ranks": table_of(adaptive_model),
                 "uniform": uniform_table(task, searched, adaptive_run.params, "params"),
-                "uniform-flops": uniform_table(task, searched, adaptive_run.flops, "flops"),
+                "uniform-flops": uniform_table(task, searched, adaptive_run.flops, "macs"),
             }
             for method, table in tables.items():
                 if method in methods:

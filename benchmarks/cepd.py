@@ -101,14 +101,14 @@ def sparse_only(task: Task, trial: TrialSpec, admm_epoch_count: int) -> tuple[nn
         after_step=reapply_masks,
     ):
         pass
-    params, flops = task.baseline_metrics["params"], task.baseline_metrics["flops"]
+    params, flops = task.baseline_metrics["params"], task.baseline_metrics["macs"]
     infos = {info.name: info for info in task.layers}
     for name, kept in SPARSE_KEPT.items():
         info = infos[name]
         removed = (info.weight_shape[0] - kept) * info.weight_count // info.weight_shape[0]
         params -= removed
         flops -= removed * info.positions_out
-    return model, {"params": params, "flops": flops}
+    return model, {"params": params, "macs": flops}
 
 
 def run(spec: Run) -> dict[str, float]:
@@ -136,7 +136,7 @@ def run(spec: Run) -> dict[str, float]:
     return {
         "test": 100 * test_accuracy,
         "params_down": 100 * (1 - size["params"] / task.baseline_metrics["params"]),
-        "flops_down": 100 * (1 - size["flops"] / task.baseline_metrics["flops"]),
+        "flops_down": 100 * (1 - size["macs"] / task.baseline_metrics["macs"]),
         "params": size["params"],
     }
 

@@ -87,7 +87,7 @@ def run_row(
     dense = task.dense_model().eval()
     row.accuracy.append(evaluate(model, task.data, task.data.test, device=cpu)[0])
     row.compression.append(result.metrics["compression_ratio"])
-    row.flops.append(result.metrics["flops_reduction"])
+    row.flops.append(result.metrics["macs_reduction"])
     row.speedup_1.append(speedup(dense, model, task, 1))
     row.speedup_large.append(speedup(dense, model, task, LARGE_BATCH))
     row.ranks.append(

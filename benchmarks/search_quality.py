@@ -31,9 +31,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tdsearch.analysis import best_compression_within, front_frame, hypervolume, usable_trials
 from tdsearch.mlflow.tracking import Tracker
-from tdsearch.search.progress import front_frame
-from tdsearch.search.summary import best_compression_within, hypervolume, usable_trials
 
 #: method -> (short name, flags)
 ARMS = {
@@ -113,7 +112,7 @@ def measure(frame: pd.DataFrame, baseline: dict, budget: int) -> dict[str, float
     acc = baseline["val_accuracy"]
     return {
         f"HV params @{budget}": hypervolume(head, "params", baseline),
-        f"HV MACs @{budget}": hypervolume(head, "flops", baseline),
+        f"HV MACs @{budget}": hypervolume(head, "macs", baseline),
         f"best compr. ≤0.5pt @{budget}": best_compression_within(head, acc, 0.5),
         f"best compr. ≤1.0pt @{budget}": best_compression_within(head, acc, 1.0),
     }
@@ -126,7 +125,7 @@ def plot(fronts: dict[str, pd.DataFrame], baseline: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
-    for ax, cost in zip(axes, ("params", "flops"), strict=True):
+    for ax, cost in zip(axes, ("params", "macs"), strict=True):
         for k, (name, frame) in enumerate(fronts.items()):
             front = front_frame(frame, ["accuracy", cost]).sort_values(cost)
             ax.step(front[cost], front["val_accuracy"], where="post", color=f"C{k}", label=name)

@@ -3,7 +3,9 @@
 A checkpoint holds the model spec (built-in name or ``package.module:factory``), input shape,
 number of classes, the rank table and the trained state_dict, so ``load_compressed`` rebuilds
 the architecture, applies the table without decomposing anything, and loads the weights. It is a
-plain ``torch.save`` dict of tensors and builtins: loadable with ``weights_only=True``.
+plain ``torch.save`` dict of tensors and builtins: loadable with ``weights_only=True``. A model
+that was given as an object or a factory has no spec: ``load_compressed(path, model=MyNet())``
+takes the dense architecture instead (no pickled code is ever loaded from a checkpoint).
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ def save_compressed(
     model: nn.Module,
     table: RankTable,
     *,
-    model_spec: str,
-    input_shape: tuple[int, int, int],
-    num_classes: int,
+    model_spec: str | None,
+    input_shape: tuple[int, ...],
+    num_classes: int | None,
     metrics: dict[str, float] | None = None,
 ) -> Path:
     """Write a checkpoint atomically (a kill never leaves half a file)."""
@@ -58,11 +60,26 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def load_compressed(path: str | Path) -> nn.Module:
-    """Rebuild the compressed model saved at ``path`` (eval mode, on the CPU)."""
+def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the compressed model saved at ``path`` (eval mode, on the CPU).
+
+    Args:
+        path: a checkpoint of ``save_compressed`` / ``tdsearch export --checkpoint``.
+        model: the dense architecture (any weights), needed when the search's model was given
+            as an object or a factory rather than by name.
+
+    Raises:
+        UserError: the file is missing or not a checkpoint, or the architecture is needed.
+    """
     payload = read_checkpoint(path)
     shape = tuple(payload["input_shape"])
-    model = build_model(payload["model"], shape, payload["num_classes"])
+    if model is None:
+        if not payload["model"]:
+            raise UserError(
+                f"{path} was saved from a model given as an object or factory; pass its dense "
+                "architecture: load_compressed(path, model=MyNet())"
+            )
+        model = build_model(payload["model"], shape, payload["num_classes"])
     table = RankTable.from_dict(payload["rank_table"])
     compact = compress(model, table, init=False)
     compact.load_state_dict(payload["state_dict"])

@@ -1,10 +1,14 @@
-"""Command line: argument parsing and dispatch only.
+"""tdsearch finds the per-layer ranks that compress a trained PyTorch model with tensor
+decompositions (Tensor-Train, Tucker-2, SVD) with the least quality lost.
 
-``tdsearch [search options]`` runs a search (``search`` is the default sub-command); the other
-sub-commands inspect a model, train its baseline, print a search space, export a result, start
-the MLflow UI or compare searches. Heavy imports (Ray, MLflow) happen inside the handlers so
-that ``tdsearch layers`` answers at once.
+first search:  tdsearch --budget 20          (LeNet-5 on Fashion-MNIST; then `tdsearch ui`)
+your model:    tdsearch --model pkg.mod:make_net --weights net.pt --dataset pkg.mod:make_data
+the result:    tdsearch export --select knee -o ranks.yaml --checkpoint model.pt
 """
+
+# Implementation note: this module parses arguments and calls the library (tdsearch.api and
+# the modules below it); a user error becomes one line on stderr and exit code 2. Heavy
+# imports (Ray, MLflow) happen inside the handlers so that `tdsearch --help` answers at once.
 
 from __future__ import annotations
 
@@ -48,13 +52,14 @@ def _add_task_options(p: argparse.ArgumentParser, *, defaults: bool = True) -> N
     g.add_argument(
         "--dataset",
         default="fashion-mnist" if defaults else None,
-        help="fashion-mnist, mnist, cifar10, cifar100, digits or synthetic "
-        "(default: fashion-mnist)",
+        help="fashion-mnist, mnist, cifar10, cifar100, digits, synthetic, imagefolder (with "
+        "--data-dir: one sub-folder per class) or package.module:factory returning "
+        "(train, val[, test]) datasets (default: fashion-mnist)",
     )
     g.add_argument(
         "--data-dir",
-        help="directory holding the dataset (torchvision's layout for "
-        "mnist / cifar); Fashion-MNIST defaults to Debian's package",
+        help="directory holding the dataset (torchvision's layout for mnist / cifar, class "
+        "folders for imagefolder); Fashion-MNIST defaults to Debian's package",
     )
     g.add_argument(
         "--weights",
@@ -66,6 +71,13 @@ def _add_task_options(p: argparse.ArgumentParser, *, defaults: bool = True) -> N
         "--cache-dir",
         help="where trained baselines are cached (default: $TDSEARCH_CACHE or ~/.cache/tdsearch)",
     )
+    g.add_argument(
+        "--metric",
+        help="accuracy (default) or package.module:function evaluate(model, loader) -> float "
+        "(needs --direction)",
+    )
+    g.add_argument("--direction", help="max or min: which way --metric improves")
+    g.add_argument("--loss", help="package.module:function loss(output, target) for training")
 
 
 def _scalar(text: str) -> object:
@@ -161,7 +173,7 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--initial-trials", type=int, help="informed first trials at uniform ranks (0)")
     g.add_argument(
         "--objectives",
-        help="comma-separated: accuracy and params, flops, latency (default accuracy,params,flops)",
+        help="comma-separated: accuracy and params, macs, latency (default accuracy,params,macs)",
     )
     g.add_argument("--latency-batch", type=_positive_int, help="batch size of latency (1)")
     g.add_argument("--early-stopping", help="pareto (default), asha or none")
@@ -196,7 +208,9 @@ def _add_tracking_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tdsearch", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="tdsearch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     p = sub.add_parser("search", help="run a rank search (the default command)")
@@ -210,11 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the rank table (and model) of one trial")
     _add_tracking_options(p)
     p.add_argument(
-        "--select", help="knee (default without constraints), max-accuracy, min-params or min-flops"
+        "--select", help="knee (default without constraints), best-score, min-params or min-macs"
     )
-    p.add_argument("--min-accuracy", type=float, help="lowest validation accuracy (0-1)")
+    p.add_argument(
+        "--min-score",
+        "--min-accuracy",
+        dest="min_score",
+        type=float,
+        help="lowest validation score (accuracy in 0-1)",
+    )
+    p.add_argument("--max-score", type=float, help="highest validation score (an error metric)")
     p.add_argument("--max-params", type=float, help="most parameters")
-    p.add_argument("--max-flops", type=float, help="most MACs")
+    p.add_argument("--max-macs", "--max-flops", dest="max_macs", type=float, help="most MACs")
     p.add_argument("-o", "--output", help="file for the rank table (default: standard output)")
     p.add_argument(
         "--format",
@@ -286,17 +307,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_space(args: argparse.Namespace) -> int:
-    from tdsearch.data import DATASET_SHAPES
-    from tdsearch.models import build_model
     from tdsearch.search.run import build_search_space
-    from tdsearch.tensor import decomposable_layers
-    from tdsearch.trainers import make_trainer
+    from tdsearch.task import open_model
 
     config = search_config(args)
-    shape, classes = DATASET_SHAPES[config.dataset]
-    infos = decomposable_layers(build_model(config.model, shape, classes), shape)
-    trainer = make_trainer(config.method, config.options)
-    print(build_search_space(config, trainer, infos).describe())
+    _, layers, _ = open_model(config.task_spec())  # what the search builds its space from
+    print(build_search_space(config, config.space.trainer, layers).describe())
     return 0
 
 
@@ -322,9 +338,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         tracker,
         name=args.name,
         select=args.select,
-        min_accuracy=args.min_accuracy,
+        min_score=args.min_score,
+        max_score=args.max_score,
         max_params=args.max_params,
-        max_flops=args.max_flops,
+        max_macs=args.max_macs,
     )
     print(selected.describe(), file=sys.stderr)
     if args.output:
@@ -356,30 +373,41 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     tracker = Tracker(args.tracking_uri, args.experiment)
     tracker.connect()
-    trials, joint = compare_searches(tracker, args.names)
+    trials, joint, score = compare_searches(tracker, args.names)
     counts = trials.groupby("search", sort=False).size()
     print("searches: " + ", ".join(f"{name} ({n} trials)" for name, n in counts.items()))
-    print("joint Pareto front (validation accuracy vs params / MACs):")
-    print(format_joint_front(joint))
-    for path in plot_fronts(trials, joint, Path(args.output)):
+    print(f"joint Pareto front (validation {score.name} vs params / MACs):")
+    print(format_joint_front(joint, score))
+    for path in plot_fronts(trials, joint, Path(args.output), score):
         print(f"wrote {path}")
     return 0
 
 
+def _task_settings(args: argparse.Namespace):
+    """The task flags of ``layers`` and ``baseline`` as the search reads them."""
+    from tdsearch.config import TaskSettings
+
+    return TaskSettings(
+        model=args.model,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        weights=args.weights,
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+        metric=args.metric or "accuracy",
+        direction=args.direction,
+        loss=args.loss,
+    )
+
+
 def _cmd_layers(args: argparse.Namespace) -> int:
-    from tdsearch.data import DATASET_SHAPES
-    from tdsearch.models import build_model
     from tdsearch.spaces.layers import default_layers
-    from tdsearch.tensor import decomposable_layers, largest_compressing_rank, make_spec
+    from tdsearch.task import open_model
+    from tdsearch.tensor import largest_compressing_rank, make_spec
     from tdsearch.utils import format_table, human_count
 
-    if args.dataset not in DATASET_SHAPES:
-        raise UserError(
-            f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASET_SHAPES)}"
-        )
-    shape, classes = DATASET_SHAPES[args.dataset]
-    model = build_model(args.model, shape, classes)
-    infos = decomposable_layers(model, shape)
+    spec = _task_settings(args).task_spec()
+    _, infos, shape = open_model(spec)  # what the search builds its space from
     searched = {i.name for i in default_layers(infos)}
     rows = []
     for info in infos:
@@ -400,7 +428,7 @@ def _cmd_layers(args: argparse.Namespace) -> int:
             ]
         )
     print(
-        f"{args.model} on {args.dataset} input {'x'.join(map(str, shape))}: "
+        f"{spec.model_label} on {spec.data_label} input {'x'.join(map(str, shape))}: "
         f"{len(infos)} decomposable layers"
     )
     print(
@@ -421,28 +449,24 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     from dataclasses import replace
     from pathlib import Path
 
-    from tdsearch.task import TaskSpec, default_baseline_settings, load_task
+    from tdsearch.task import load_task
     from tdsearch.utils import human_count
 
-    settings = default_baseline_settings(args.model)
+    spec = _task_settings(args).task_spec()
+    settings = spec.baseline_settings
     if args.epochs is not None:
         settings = replace(settings, epochs=args.epochs)
     if args.lr is not None:
         settings = replace(settings, lr=args.lr)
-    spec = TaskSpec(
-        model=args.model,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        weights=args.weights,
-        seed=args.seed,
-        baseline=settings,
-    )
+    spec = replace(spec, baseline=settings)
     task = load_task(spec, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
-    m = task.baseline_metrics
+    m, score = task.baseline_metrics, task.score
+    test = m.get(score.test_column)
     print(
-        f"{args.model} on {args.dataset}: validation accuracy {m['val_accuracy']:.4f}, "
-        f"test accuracy {m['test_accuracy']:.4f}, {human_count(m['params'])} params, "
-        f"{human_count(m['flops'])} MACs"
+        f"{spec.model_label} on {spec.data_label}: validation {score.name} "
+        f"{m[score.column]:.4f}"
+        + (f", test {score.name} {test:.4f}" if test is not None else "")
+        + f", {human_count(m['params'])} params, {human_count(m['macs'])} MACs"
     )
     return 0
 

@@ -1,7 +1,16 @@
-"""SearchConfig: every setting of a search, from a YAML file and/or flags, validated up front.
+"""The settings of a search, split by concern and each validated once, where it is built.
 
-Flags override the file; the file overrides the defaults. Anything wrong (an unknown key, a
-negative budget, an unknown model or method, a file that does not parse) is a
+- :class:`TaskSettings`: what is compressed: the model, the data, the score and the loss, the
+  dense baseline's training.
+- :class:`SpaceSettings`: the method and its search space (formats, layers, ranks).
+- :class:`TrainingSettings`: each trial's (fine-)tuning.
+- :class:`ExecutionSettings`: how the trials run: budget, concurrency, sampler, objectives,
+  early stopping, Ray.
+- :class:`TrackingSettings`: where results go: the search's name, Ray Tune's storage, MLflow.
+
+:class:`SearchConfig` holds one of each. Its flat view is the YAML file and the CLI flags
+(``budget: 20``, ``--format tucker2``): :meth:`SearchConfig.from_sources` reads defaults, then
+a file, then flags, and hands every key to the group it belongs to. Anything wrong is a
 :class:`UserError` raised here, before data is read or a worker starts.
 """
 
@@ -12,40 +21,119 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tdsearch.data import DATASETS
 from tdsearch.errors import UserError
-from tdsearch.models import BUILTIN_MODELS, is_user_model
-from tdsearch.task import TaskSpec, default_baseline_settings
+from tdsearch.scoring import Score
 from tdsearch.training import OPTIMIZERS, TrainSettings
 
 SAMPLERS = ("tpe", "nsga2", "random")
 EARLY_STOPPING = ("pareto", "asha", "none")
-OBJECTIVES = ("accuracy", "params", "flops", "latency")
+#: ``accuracy`` is the quality objective (whatever the score is); ``flops`` is read as ``macs``
+#: (the name before multiply-accumulates were called what they are).
+OBJECTIVES = ("accuracy", "params", "macs", "latency")
+OBJECTIVE_ALIASES = {"macs": "macs", "score": "accuracy"}
 
 
-@dataclass
-class SearchConfig:
-    """All settings of one search. Field names are the YAML keys (``-`` and ``_`` both work)."""
+def _at_least(owner: object, keys: tuple[str, ...], low: int) -> None:
+    for key in keys:
+        value = getattr(owner, key)
+        if value is not None and value < low:
+            word = "at least 1" if low == 1 else "0 or more"
+            raise UserError(f"{key} must be {word}, got {value}")
 
-    # the task
-    model: str = "lenet5"
-    dataset: str = "fashion-mnist"
+
+def _choice(key: str, value: Any, valid, *, allow: bool = False, hint: str = "") -> None:
+    if value not in valid and not allow:
+        raise UserError(f"unknown {key} {value!r}; choose one of {', '.join(valid)}{hint}")
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """What is compressed.
+
+    ``model`` and ``dataset`` take a built-in name, ``package.module:name``, or (from Python) an
+    object or a factory; ``metric`` is ``"accuracy"``, ``evaluate(model, loader) -> float`` or
+    ``package.module:function`` with its ``direction``; ``loss`` is ``loss(output, target)``.
+    """
+
+    model: Any = "lenet5"
+    dataset: Any = "fashion-mnist"
     data_dir: str | None = None
     weights: str | None = None
     seed: int = 0
     cache_dir: str | None = None
     max_train_samples: int | None = None
     baseline_epochs: int | None = None
-    # the method and its space
-    method: str = "decompose"
+    num_workers: int = 0
+    metric: Any = "accuracy"
+    direction: str | None = None
+    loss: Any = None
+    output: Any = None
+
+    def __post_init__(self) -> None:
+        _ = self.model_source  # a bad name or an unpicklable module fails here
+        _ = self.data_source
+        _at_least(self, ("seed", "num_workers"), 0)
+        _at_least(self, ("max_train_samples", "baseline_epochs"), 1)
+        if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
+            raise UserError(f"data directory {self.data_dir} does not exist")
+        if self.weights is not None and not Path(self.weights).expanduser().is_file():
+            raise UserError(f"weights file {self.weights} does not exist")
+        _ = self.score  # checks metric, direction, loss and output
+
+    @cached_property
+    def score(self) -> Score:
+        return Score.of(self.metric, direction=self.direction, loss=self.loss, output=self.output)
+
+    @cached_property
+    def model_source(self):
+        """The model, resolved once (a module object is checked for pickling once)."""
+        from tdsearch.models import resolve_model
+
+        return resolve_model(self.model)
+
+    @cached_property
+    def data_source(self):
+        from tdsearch.data import resolve_data
+
+        return resolve_data(self.dataset, data_dir=self.data_dir, num_workers=self.num_workers)
+
+    def task_spec(self):
+        from tdsearch.task import TaskSpec, default_baseline_settings
+
+        baseline = default_baseline_settings(self.model_source.label)
+        if self.baseline_epochs is not None:
+            baseline = dataclasses.replace(baseline, epochs=self.baseline_epochs)
+        return TaskSpec(
+            model=self.model_source,
+            dataset=self.data_source,
+            data_dir=self.data_dir,
+            weights=self.weights,
+            seed=self.seed,
+            baseline=baseline,
+            max_train_samples=self.max_train_samples,
+            score=self.score,
+            num_workers=self.num_workers,
+        )
+
+
+@dataclass(frozen=True)
+class SpaceSettings:
+    """The compression method and the space the search explores.
+
+    ``method`` is a built-in name, ``package.module:Class`` or a :class:`~tdsearch.trainers.
+    Trainer` instance (whose own options are then used; ``options`` must stay empty).
+    """
+
+    method: Any = "decompose"
+    options: dict[str, Any] = field(default_factory=dict)
     format: str = "tt"
     linear_format: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
     layers: list[str] = field(default_factory=list)
     exclude_layers: list[str] = field(default_factory=list)
     rank_mode: str = "fraction"
@@ -53,30 +141,222 @@ class SearchConfig:
     rank_bounds: dict[str, list[int]] = field(default_factory=dict)
     tie: str = "none"
     tt_matrix_cores: int = 3
-    # each trial's training
+
+    def __post_init__(self) -> None:
+        from tdsearch.spaces import CONV_FORMATS, LINEAR_FORMATS, RANK_MODES, TIE_MODES
+
+        _choice("format", self.format, CONV_FORMATS)
+        if self.linear_format is not None:
+            _choice("linear_format", self.linear_format, LINEAR_FORMATS)
+        _choice("rank_mode", self.rank_mode, RANK_MODES)
+        _choice("tie", self.tie, TIE_MODES)
+        _at_least(self, ("tt_matrix_cores",), 1)
+        if not 0 < self.min_rank_fraction <= 1:
+            raise UserError(f"min_rank_fraction must be in (0, 1], got {self.min_rank_fraction}")
+        for pattern, bounds in self.rank_bounds.items():
+            if not (
+                isinstance(bounds, list | tuple)
+                and len(bounds) == 2
+                and all(isinstance(b, int) for b in bounds)
+            ):
+                raise UserError(f"rank_bounds[{pattern!r}] must be [low, high], got {bounds!r}")
+        _ = self.trainer  # checks the method and its options
+
+    @cached_property
+    def trainer(self):
+        """The method's :class:`~tdsearch.trainers.Trainer`, built once per search."""
+        from tdsearch.trainers import Trainer, make_trainer
+
+        if isinstance(self.method, Trainer):
+            if self.options:
+                raise UserError(
+                    "options go into the Trainer instance itself when method is one; "
+                    f"got options {', '.join(self.options)}"
+                )
+            return self.method
+        if not isinstance(self.method, str):
+            raise UserError(
+                f"method: expected a method name or a Trainer instance, got "
+                f"{type(self.method).__name__}"
+            )
+        return make_trainer(self.method, self.options)
+
+    @property
+    def method_name(self) -> str:
+        return self.method if isinstance(self.method, str) else self.trainer.name
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """Each trial's training: epochs, learning rate, batch size, optimiser (the method's
+    phases run inside these epochs)."""
+
     epochs: int = 2
     lr: float | None = None
     batch_size: int = 128
     optimizer: str | None = None
-    # the search
+
+    def __post_init__(self) -> None:
+        _at_least(self, ("epochs", "batch_size"), 1)
+        if self.optimizer is not None:
+            _choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.lr is not None and not self.lr > 0:
+            raise UserError(f"lr must be positive, got {self.lr}")
+
+    def for_model(self, model_label: str) -> TrainSettings:
+        """Adam 1e-3 for LeNet-5 and user models, SGD 0.01 with momentum for the ResNets (a
+        tenth of their training rate), unless set."""
+        if model_label.startswith("resnet"):
+            default = TrainSettings(self.epochs, 0.01, self.batch_size, "sgd", weight_decay=5e-4)
+        else:
+            default = TrainSettings(self.epochs, 1e-3, self.batch_size, "adam")
+        return dataclasses.replace(
+            default, lr=self.lr or default.lr, optimizer=self.optimizer or default.optimizer
+        )
+
+
+@dataclass(frozen=True)
+class ExecutionSettings:
+    """How the trials run."""
+
     budget: int = 50
     concurrency: int = 1
     cpus_per_trial: float | None = None
     gpus_per_trial: float = 0.0
     sampler: str = "tpe"
     initial_trials: int = 0
-    objectives: list[str] = field(default_factory=lambda: ["accuracy", "params", "flops"])
+    objectives: list[str] = field(default_factory=lambda: ["accuracy", "params", "macs"])
     latency_batch: int = 1
     early_stopping: str = "pareto"
     max_failures: int = 3
     fresh_workers: bool = False
-    # where things go
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        _choice("sampler", self.sampler, SAMPLERS)
+        _choice("early_stopping", self.early_stopping, EARLY_STOPPING)
+        _at_least(self, ("budget", "concurrency", "latency_batch"), 1)
+        _at_least(self, ("initial_trials", "max_failures"), 0)
+        if self.cpus_per_trial is not None and self.cpus_per_trial <= 0:
+            raise UserError(f"cpus_per_trial must be positive, got {self.cpus_per_trial}")
+        if self.gpus_per_trial < 0:
+            raise UserError(f"gpus_per_trial must be 0 or more, got {self.gpus_per_trial}")
+        objectives = [OBJECTIVE_ALIASES.get(o, o) for o in self.objectives]
+        bad = [o for o in objectives if o not in OBJECTIVES]
+        if bad or "accuracy" not in objectives or len(set(objectives)) < 2:
+            raise UserError(
+                f"objectives must include accuracy (the score) and at least one of params, "
+                f"macs, latency (got {','.join(self.objectives)})"
+            )
+        object.__setattr__(self, "objectives", list(dict.fromkeys(objectives)))
+
+    @property
+    def resolved_cpus_per_trial(self) -> float:
+        if self.cpus_per_trial is not None:
+            return self.cpus_per_trial
+        return max(1, (os.cpu_count() or 1) // self.concurrency)
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    """Where a search's results go: Ray Tune's state under ``storage/name``, MLflow runs at
+    ``tracking_uri`` (default ``./mlflow.db``) in ``experiment``."""
+
     name: str | None = None
     storage: str = "tdsearch-runs"
     tracking_uri: str | None = None
     experiment: str = "tdsearch"
     resume: bool = False
-    address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise UserError(f"name {self.name!r} may hold only letters, digits, '.', '_' and '-'")
+
+    @property
+    def storage_path(self) -> Path:
+        return Path(self.storage).expanduser().resolve()
+
+
+GROUPS: dict[str, type] = {
+    "task": TaskSettings,
+    "space": SpaceSettings,
+    "training": TrainingSettings,
+    "execution": ExecutionSettings,
+    "tracking": TrackingSettings,
+}
+#: flat key (YAML / flag) -> the group that owns it
+KEY_GROUP: dict[str, str] = {
+    f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)
+}
+_FIELDS = {f.name: f for cls in GROUPS.values() for f in dataclasses.fields(cls)}
+
+
+class SearchConfig:
+    """The five settings of one search.
+
+    Build it from the groups (``SearchConfig(task=TaskSettings(...), ...)``), from flat keys
+    (``SearchConfig(budget=20, format="tucker2")``, the YAML keys, ``-`` or ``_``), or both.
+    Reading a flat key (``config.budget``) reads it from its group.
+    """
+
+    task: TaskSettings
+    space: SpaceSettings
+    training: TrainingSettings
+    execution: ExecutionSettings
+    tracking: TrackingSettings
+
+    def __init__(
+        self,
+        task: TaskSettings | None = None,
+        space: SpaceSettings | None = None,
+        training: TrainingSettings | None = None,
+        execution: ExecutionSettings | None = None,
+        tracking: TrackingSettings | None = None,
+        **flat: Any,
+    ):
+        given = {
+            "task": task,
+            "space": space,
+            "training": training,
+            "execution": execution,
+            "tracking": tracking,
+        }
+        per_group: dict[str, dict[str, Any]] = {g: {} for g in GROUPS}
+        unknown = []
+        for key, value in flat.items():
+            key = str(key).replace("-", "_")
+            if key not in KEY_GROUP:
+                unknown.append(key)
+            else:
+                per_group[KEY_GROUP[key]][key] = value
+        if unknown:
+            raise UserError(
+                f"unknown setting(s) {', '.join(sorted(unknown))}; valid settings: "
+                f"{', '.join(KEY_GROUP)}"
+            )
+        for group, cls in GROUPS.items():
+            base = given[group]
+            values = per_group[group]
+            if base is None:
+                built = cls(**values)
+            elif values:
+                built = dataclasses.replace(base, **values)
+            else:
+                built = base
+            object.__setattr__(self, group, built)
+
+    def __getattr__(self, key: str) -> Any:
+        group = KEY_GROUP.get(key)
+        if group is None or group not in self.__dict__:
+            raise AttributeError(key)
+        return getattr(self.__dict__[group], key)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("SearchConfig is immutable; use SearchConfig.replace(...)")
+
+    def replace(self, **flat: Any) -> SearchConfig:
+        """A copy with some flat keys changed (validated again)."""
+        return SearchConfig(**{g: getattr(self, g) for g in GROUPS}, **flat)
 
     # --- construction -------------------------------------------------------------------------
 
@@ -90,145 +370,76 @@ class SearchConfig:
         if path is not None:
             values.update(_read_yaml(Path(path)))
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        config = cls.from_mapping(values)
-        config.validate()
-        return config
+        return cls.from_mapping(values)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> SearchConfig:
-        known = {f.name: f for f in dataclasses.fields(cls)}
+        """From flat keys as a YAML file holds them: each value coerced to its field's type
+        (a string stays the only way to name a model, data or metric here)."""
         normalised = {str(k).replace("-", "_"): v for k, v in values.items()}
-        unknown = sorted(set(normalised) - set(known))
+        unknown = sorted(set(normalised) - set(_FIELDS))
         if unknown:
             raise UserError(
-                f"unknown setting(s) {', '.join(unknown)}; valid settings: {', '.join(known)}"
+                f"unknown setting(s) {', '.join(unknown)}; valid settings: {', '.join(_FIELDS)}"
             )
-        converted = {}
-        for key, value in normalised.items():
-            converted[key] = _convert(key, value, cls.__dataclass_fields__[key].default, known[key])
-        return cls(**converted)
+        return cls(**{k: _convert(k, v, _FIELDS[k]) for k, v in normalised.items()})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The flat YAML view; objects given from Python are written as their labels."""
+        out: dict[str, Any] = {}
+        for group in GROUPS:
+            for f in dataclasses.fields(GROUPS[group]):
+                out[f.name] = _plain(getattr(getattr(self, group), f.name))
+        return out
+
+    def python_objects(self) -> list[str]:
+        """The keys whose values are Python objects (not recordable in a YAML file)."""
+        return [k for k, v in self.to_dict().items() if _is_object(getattr(self, k), v)]
 
     # --- derived views ------------------------------------------------------------------------
 
-    def task_spec(self) -> TaskSpec:
-        baseline = default_baseline_settings(self.model)
-        if self.baseline_epochs is not None:
-            baseline = dataclasses.replace(baseline, epochs=self.baseline_epochs)
-        return TaskSpec(
-            model=self.model,
-            dataset=self.dataset,
-            data_dir=self.data_dir,
-            weights=self.weights,
-            seed=self.seed,
-            baseline=baseline,
-            max_train_samples=self.max_train_samples,
-        )
+    def task_spec(self):
+        return self.task.task_spec()
 
     def train_settings(self) -> TrainSettings:
-        """Each trial's (fine-)tuning: Adam 1e-3 for LeNet-5 and user models, SGD 0.01 with
-        momentum for the ResNets (a tenth of their training rate), unless set."""
-        if self.model.startswith("resnet"):
-            default = TrainSettings(self.epochs, 0.01, self.batch_size, "sgd", weight_decay=5e-4)
-        else:
-            default = TrainSettings(self.epochs, 1e-3, self.batch_size, "adam")
-        return dataclasses.replace(
-            default, lr=self.lr or default.lr, optimizer=self.optimizer or default.optimizer
-        )
+        return self.training.for_model(self.model_label)
+
+    @property
+    def model_label(self) -> str:
+        return self.task.model_source.label
+
+    @property
+    def dataset_label(self) -> str:
+        dataset = self.task.dataset
+        return dataset if isinstance(dataset, str) else self.task.data_source.name
 
     def resolved_cpus_per_trial(self) -> float:
-        if self.cpus_per_trial is not None:
-            return self.cpus_per_trial
-        return max(1, (os.cpu_count() or 1) // self.concurrency)
+        return self.execution.resolved_cpus_per_trial
 
     @property
     def storage_path(self) -> Path:
-        return Path(self.storage).expanduser().resolve()
-
-    # --- validation ---------------------------------------------------------------------------
+        return self.tracking.storage_path
 
     def validate(self) -> None:
-        from tdsearch.spaces import CONV_FORMATS, LINEAR_FORMATS, RANK_MODES, TIE_MODES
-        from tdsearch.trainers import TRAINERS
-
-        _choice(
-            "model",
-            self.model,
-            BUILTIN_MODELS,
-            allow=is_user_model(self.model),
-            hint=" or package.module:factory",
-        )
-        _choice("dataset", self.dataset, DATASETS)
-        _choice(
-            "method",
-            self.method,
-            TRAINERS,
-            allow=":" in self.method,
-            hint=" or package.module:Class",
-        )
-        _choice("format", self.format, CONV_FORMATS)
-        if self.linear_format is not None:
-            _choice("linear_format", self.linear_format, LINEAR_FORMATS)
-        _choice("rank_mode", self.rank_mode, RANK_MODES)
-        _choice("tie", self.tie, TIE_MODES)
-        _choice("sampler", self.sampler, SAMPLERS)
-        _choice("early_stopping", self.early_stopping, EARLY_STOPPING)
-        if self.optimizer is not None:
-            _choice("optimizer", self.optimizer, OPTIMIZERS)
-        for key in (
-            "budget",
-            "concurrency",
-            "epochs",
-            "batch_size",
-            "tt_matrix_cores",
-            "latency_batch",
-        ):
-            if getattr(self, key) < 1:
-                raise UserError(f"{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("initial_trials", "max_failures", "seed"):
-            if getattr(self, key) < 0:
-                raise UserError(f"{key} must be 0 or more, got {getattr(self, key)}")
-        for key in ("max_train_samples", "baseline_epochs"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise UserError(f"{key} must be at least 1, got {value}")
-        if self.lr is not None and not self.lr > 0:
-            raise UserError(f"lr must be positive, got {self.lr}")
-        if not 0 < self.min_rank_fraction <= 1:
-            raise UserError(f"min_rank_fraction must be in (0, 1], got {self.min_rank_fraction}")
-        if self.cpus_per_trial is not None and self.cpus_per_trial <= 0:
-            raise UserError(f"cpus_per_trial must be positive, got {self.cpus_per_trial}")
-        if self.gpus_per_trial < 0:
-            raise UserError(f"gpus_per_trial must be 0 or more, got {self.gpus_per_trial}")
-        bad = [o for o in self.objectives if o not in OBJECTIVES]
-        if bad or "accuracy" not in self.objectives or len(set(self.objectives)) < 2:
-            raise UserError(
-                f"objectives must include accuracy and at least one of params, flops, "
-                f"latency (got {','.join(self.objectives)})"
-            )
-        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
-            raise UserError(f"name {self.name!r} may hold only letters, digits, '.', '_' and '-'")
-        for pattern, bounds in self.rank_bounds.items():
-            if not (
-                isinstance(bounds, list | tuple)
-                and len(bounds) == 2
-                and all(isinstance(b, int) for b in bounds)
-            ):
-                raise UserError(f"rank_bounds[{pattern!r}] must be [low, high], got {bounds!r}")
-        if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
-            raise UserError(f"data directory {self.data_dir} does not exist")
-        if self.weights is not None and not Path(self.weights).expanduser().is_file():
-            raise UserError(f"weights file {self.weights} does not exist")
-        from tdsearch.trainers import make_trainer
-
-        make_trainer(self.method, self.options)  # checks the method's options
+        """Every group validated itself when built; kept for callers of the flat config."""
 
 
-def _choice(key: str, value: str, valid, *, allow: bool = False, hint: str = "") -> None:
-    if value not in valid and not allow:
-        raise UserError(f"unknown {key} {value!r}; choose one of {', '.join(valid)}{hint}")
+def _is_object(value: Any, plain: Any) -> bool:
+    return value is not None and not isinstance(value, str | int | float | bool | list | dict)
+
+
+def _plain(value: Any) -> Any:
+    """A YAML-writable stand-in for a value: objects become their label."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    name = getattr(value, "name", None)
+    if isinstance(name, str):
+        return name
+    return getattr(value, "__name__", type(value).__name__)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -250,10 +461,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _convert(key: str, value: Any, default: Any, f: dataclasses.Field) -> Any:
+def _convert(key: str, value: Any, f: dataclasses.Field) -> Any:
     """Coerce a YAML / flag value to the field's type, with a sentence on failure."""
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    if value is None and "None" in kind:
+    if value is None and ("None" in kind or kind == "Any"):
         return None
     try:
         if kind.startswith("list"):
@@ -278,7 +489,7 @@ def _convert(key: str, value: Any, default: Any, f: dataclasses.Field) -> Any:
             if isinstance(value, bool):
                 raise TypeError
             return float(value)
-        if kind.startswith("str"):
+        if kind.startswith(("str", "Any")):
             if not isinstance(value, str | int | float) or isinstance(value, bool):
                 raise TypeError
             return str(value)

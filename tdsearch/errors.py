@@ -7,8 +7,10 @@ every other exception is a bug in tdsearch and keeps its traceback.
 from __future__ import annotations
 
 
-class UserError(Exception):
-    """Bad input: a sentence that says what was expected and what came."""
+class UserError(ValueError):
+    """Bad input: a sentence that says what was expected and what came. A ``ValueError``, so
+    that library users catch it as they catch any bad argument; the CLI prints it as one line
+    and exits with code 2."""
 
     exit_code = 2
 

@@ -8,21 +8,26 @@ the training altogether.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 from filelock import FileLock
 from torch import nn
 
-from tdsearch.data import Dataset, load_dataset
+from tdsearch.data import DataSource, ObjectData, TaskData, build_cached, resolve_data
 from tdsearch.errors import UserError
-from tdsearch.models import build_model, is_user_model, load_weights
+from tdsearch.models import ModelSource, is_user_model, load_weights, resolve_model
+from tdsearch.scoring import ACCURACY, Score
 from tdsearch.tensor import LayerInfo, count_flops, count_params, decomposable_layers
 from tdsearch.training import TrainSettings, default_device, evaluate, fit, seed_everything
 from tdsearch.utils import atomic_write
@@ -40,6 +45,7 @@ DEFAULT_BASELINES: dict[str, TrainSettings] = {
 
 
 def default_baseline_settings(model: str) -> TrainSettings:
+    """Dense training of a model by its label (a built-in name or a user's)."""
     if model.startswith("resnet"):
         return DEFAULT_BASELINES["resnet"]
     return DEFAULT_BASELINES.get(model, DEFAULT_BASELINES["user"])
@@ -55,51 +61,98 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """What defines a task; plain data, so it hashes into cache keys and logs as parameters."""
+    """What defines a task: the model, the data, the score, the baseline's training.
 
-    model: str = "lenet5"
-    dataset: str = "fashion-mnist"
+    ``model`` and ``dataset`` are what the user gave: a built-in name, ``package.module:name``,
+    a factory or an object (see :func:`tdsearch.models.resolve_model` and
+    :func:`tdsearch.data.resolve_data`); the labels of both go into cache keys and logs.
+    """
+
+    model: Any = "lenet5"
+    dataset: Any = "fashion-mnist"
     data_dir: str | None = None
     weights: str | None = None
     seed: int = 0
     baseline: TrainSettings | None = None
     max_train_samples: int | None = None
+    score: Score = ACCURACY
+    num_workers: int = 0
+
+    @cached_property
+    def model_source(self) -> ModelSource:
+        return resolve_model(self.model)
+
+    @cached_property
+    def data_source(self) -> DataSource:
+        source = resolve_data(self.dataset, data_dir=self.data_dir, num_workers=self.num_workers)
+        return source.limited(self.max_train_samples)
+
+    @property
+    def model_label(self) -> str:
+        return self.model_source.label
+
+    @property
+    def data_label(self) -> str:
+        return self.dataset if isinstance(self.dataset, str) else self.data_source.name
 
     @property
     def baseline_settings(self) -> TrainSettings:
-        return self.baseline or default_baseline_settings(self.model)
+        return self.baseline or default_baseline_settings(self.model_label)
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        out["baseline"] = self.baseline_settings.to_dict()
-        return out
+        """Plain values for logs and MLflow params."""
+        return {
+            "model": self.model_label,
+            "dataset": self.data_label,
+            "data_dir": self.data_dir,
+            "weights": self.weights,
+            "seed": self.seed,
+            "baseline": self.baseline_settings.to_dict(),
+            "max_train_samples": self.max_train_samples,
+            "score": self.score.to_dict(),
+        }
 
 
 @dataclass
 class Task:
-    """A loaded task: data in memory, the baseline's weights and metrics.
+    """A loaded task: where its data comes from, the baseline's weights and metrics.
 
-    It is what every trial receives (through Ray's object store), so it holds tensors only,
-    never open files or live models.
+    It is what every trial receives through Ray's object store, so it holds the data's
+    *source* (a small factory), never the data: :attr:`data` builds it in the worker on first
+    use and the worker keeps that one copy for its next trials.
     """
 
     spec: TaskSpec
-    data: Dataset
+    data_source: DataSource
     baseline_state: dict[str, torch.Tensor]
     baseline_metrics: dict[str, float]
     layers: list[LayerInfo] = field(default_factory=list)
+    input_shape: tuple[int, ...] = ()
+    num_classes: int | None = None
+    _data: TaskData | None = field(default=None, repr=False)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_data": None}
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return self.data.input_shape
+    def data(self) -> TaskData:
+        if self._data is None:
+            self._data = build_cached(self.data_source)
+        return self._data
 
     @property
-    def num_classes(self) -> int:
-        return self.data.num_classes
+    def score(self) -> Score:
+        return self.spec.score
+
+    def with_data(self, data: TaskData) -> Task:
+        """The same task on other data (e.g. a subset), which then also reaches the workers."""
+        return dataclasses.replace(
+            self, data_source=ObjectData(data, self.data_source.name), _data=data
+        )
 
     def fresh_model(self) -> nn.Module:
-        """The architecture with random weights."""
-        return build_model(self.spec.model, self.input_shape, self.num_classes)
+        """The architecture with random (or, for a module object, its own) weights."""
+        return self.spec.model_source.build(self.input_shape, self.num_classes)
 
     def dense_model(self, device: torch.device | None = None) -> nn.Module:
         """A new copy of the trained dense baseline."""
@@ -108,38 +161,56 @@ class Task:
         return model.to(device or torch.device("cpu"))
 
 
-def baseline_key(spec: TaskSpec, data: Dataset) -> str:
+def baseline_key(spec: TaskSpec, data: TaskData) -> str:
     """Hash of everything that determines the baseline's weights."""
+    source = spec.model_source
+    model = source.spec or "{}.{}".format(
+        getattr(source.factory, "__module__", ""), getattr(source.factory, "__qualname__", "")
+    )
     payload = {
         "format": BASELINE_FORMAT,
-        "model": spec.model,
+        "model": model,
         "data": data.fingerprint,
         "seed": spec.seed,
         "train": spec.baseline_settings.to_dict(),
     }
+    if spec.score != ACCURACY:
+        payload["score"] = spec.score.to_dict()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
 class OpenedTask:
-    """The cheap part of a task: data in memory and the model (with the user's weights, if
-    any), enough to check every input and build the search space before anything trains."""
+    """The cheap part of a task: the data and the model (with the user's weights, if any),
+    enough to check every input and build the search space before anything trains."""
 
-    data: Dataset
+    data: TaskData
     model: nn.Module
     layers: list[LayerInfo]
 
 
-def open_task(spec: TaskSpec) -> OpenedTask:
-    """Read the data, build the model, load ``--weights``: every :class:`UserError` of a task
-    (missing dataset, bad model, corrupt or mismatched weights) happens here, in seconds."""
-    data = load_dataset(spec.dataset, spec.data_dir).limit_train(spec.max_train_samples)
-    model = build_model(spec.model, data.input_shape, data.num_classes)
+def open_model(
+    spec: TaskSpec, input_shape: tuple[int, ...] | None = None, num_classes: int | None = None
+) -> tuple[nn.Module, list[LayerInfo], tuple[int, ...]]:
+    """The model with the user's weights and its decomposable layers: what ``tdsearch
+    layers`` / ``space`` show and what the search builds its space from. Without shapes, they
+    come from the data source (a built-in dataset's are known without reading it)."""
+    if input_shape is None:
+        input_shape, num_classes = spec.data_source.shapes()
+    model = spec.model_source.build(input_shape, num_classes)
     if spec.weights:
         load_weights(model, spec.weights)
-    layers = decomposable_layers(model, data.input_shape)
+    layers = decomposable_layers(model, input_shape)
     if not layers:
-        raise UserError(f"model {spec.model} has no Conv2d or Linear layer to decompose")
+        raise UserError(f"model {spec.model_label} has no Conv2d or Linear layer to decompose")
+    return model, layers, tuple(input_shape)
+
+
+def open_task(spec: TaskSpec) -> OpenedTask:
+    """Build the data, build the model, load ``--weights``: every :class:`UserError` of a task
+    (missing dataset, bad model, corrupt or mismatched weights) happens here, in seconds."""
+    data = build_cached(spec.data_source)
+    model, layers, _ = open_model(spec, tuple(data.input_shape), data.num_classes)
     return OpenedTask(data, model, layers)
 
 
@@ -150,44 +221,54 @@ def load_task(
     log: Callable[[str], None] = print,
     opened: OpenedTask | None = None,
 ) -> Task:
-    """Load the data and the dense baseline, training the baseline if no cache holds it."""
+    """Load the data and the dense baseline: the user's trained module or ``--weights`` as
+    they are, else trained (or loaded from the cache)."""
     opened = opened or open_task(spec)
     data, model = opened.data, opened.model
-    if spec.weights:
-        metrics = _measure(model, data)
+    score = spec.score
+    if spec.weights or spec.model_source.is_trained:
+        metrics = _measure(model, data, score)
+        given = spec.weights or f"the given {spec.model_label} module"
         log(
-            f"baseline: loaded {spec.weights} (val {metrics['val_accuracy']:.4f}, "
-            f"test {metrics['test_accuracy']:.4f})"
+            f"baseline: {given} (val {score.name} {metrics[score.column]:.4f}"
+            + (f", test {metrics[score.test_column]:.4f})" if score.test_column in metrics else ")")
         )
         state = model.state_dict()
     else:
         state, metrics = _cached_or_trained(
             spec, data, model, cache_dir or default_cache_dir(), log
         )
-    return Task(spec, data, {k: v.cpu() for k, v in state.items()}, metrics, opened.layers)
+    return Task(
+        spec,
+        spec.data_source,
+        {k: v.detach().cpu().clone() for k, v in state.items()},
+        metrics,
+        opened.layers,
+        tuple(data.input_shape),
+        data.num_classes,
+        data,
+    )
 
 
-def _measure(model: nn.Module, data: Dataset) -> dict[str, float]:
+def _measure(model: nn.Module, data: TaskData, score: Score) -> dict[str, float]:
     device = default_device()
     model.to(device)
-    val_acc, val_loss = evaluate(model, data, data.val, device=device)
-    test_acc, _ = evaluate(model, data, data.test, device=device)
+    val_score, val_loss = evaluate(model, data, data.val, device=device, score=score)
+    metrics = {score.column: val_score, "val_loss": val_loss}
+    if data.test is not None:
+        metrics[score.test_column], _ = evaluate(model, data, data.test, device=device, score=score)
     model.cpu()
-    return {
-        "val_accuracy": val_acc,
-        "val_loss": val_loss,
-        "test_accuracy": test_acc,
-        "params": count_params(model),
-        "flops": count_flops(model, data.input_shape),
-    }
+    metrics["params"] = count_params(model)
+    metrics["macs"] = count_flops(model, data.input_shape)
+    return metrics
 
 
 def _cached_or_trained(
-    spec: TaskSpec, data: Dataset, model: nn.Module, cache_dir: Path, log: Callable[[str], None]
+    spec: TaskSpec, data: TaskData, model: nn.Module, cache_dir: Path, log: Callable[[str], None]
 ) -> tuple[dict[str, torch.Tensor], dict]:
     key = baseline_key(spec, data)
-    name = spec.model.replace(":", "-").replace(".", "-").replace("/", "-")
-    path = cache_dir / "baselines" / f"{name}-{spec.dataset}-{key}.pt"
+    name = re.sub(r"[^A-Za-z0-9_]+", "-", f"{spec.model_label}-{spec.data_label}")[:80]
+    path = cache_dir / "baselines" / f"{name}-{key}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     # One process trains, any other one waiting on the lock then loads its result.
     with FileLock(str(path) + ".lock"):
@@ -198,7 +279,7 @@ def _cached_or_trained(
                 log(f"baseline: loaded from cache {path}")
                 return saved["state_dict"], saved["metrics"]
             except Exception as err:  # stale or corrupt cache entry: train again
-                if is_user_model(spec.model):
+                if spec.model_source.spec is None or is_user_model(spec.model_source.spec):
                     log(f"baseline: cached weights no longer fit the model ({err}); retraining")
                 else:
                     log(f"baseline: cache entry unreadable ({err}); retraining")
@@ -214,26 +295,27 @@ def _cached_or_trained(
 
 
 def _train(
-    spec: TaskSpec, data: Dataset, log: Callable[[str], None]
+    spec: TaskSpec, data: TaskData, log: Callable[[str], None]
 ) -> tuple[dict[str, torch.Tensor], dict]:
     settings = spec.baseline_settings
     generator = seed_everything(spec.seed)
-    model = build_model(spec.model, data.input_shape, data.num_classes)
+    model = spec.model_source.build(data.input_shape, data.num_classes)
     device = default_device()
     model.to(device)
     log(
-        f"baseline: training {spec.model} on {spec.dataset} for {settings.epochs} epochs "
-        f"({len(data.train)} images, {device.type})"
+        f"baseline: training {spec.model_label} on {spec.data_label} for {settings.epochs} "
+        f"epochs ({len(data.train)} samples, {device.type})"
     )
     start = time.monotonic()
+    score = spec.score
 
     def on_epoch(epoch: int, loss: float) -> None:
-        val_acc, _ = evaluate(model, data, data.val, device=device)
+        val, _ = evaluate(model, data, data.val, device=device, score=score)
         log(
-            f"baseline: epoch {epoch}/{settings.epochs}  loss {loss:.4f}  val {val_acc:.4f}  "
-            f"({time.monotonic() - start:.0f}s)"
+            f"baseline: epoch {epoch}/{settings.epochs}  loss {loss:.4f}  val {score.name} "
+            f"{val:.4f}  ({time.monotonic() - start:.0f}s)"
         )
 
-    fit(model, data, settings, generator=generator, device=device, on_epoch=on_epoch)
+    fit(model, data, settings, generator=generator, device=device, on_epoch=on_epoch, score=score)
     model.cpu()
-    return model.state_dict(), _measure(model, data)
+    return model.state_dict(), _measure(model, data, score)

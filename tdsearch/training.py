@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from tdsearch.data import Dataset, Split
+from tdsearch.data import TaskData
 from tdsearch.errors import NonFiniteLossError
+from tdsearch.scoring import ACCURACY, Score
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("cosine", "constant")
@@ -93,13 +93,13 @@ def make_scheduler(
     )
 
 
-def steps_per_epoch(data: Dataset, batch_size: int) -> int:
+def steps_per_epoch(data: TaskData, batch_size: int) -> int:
     return math.ceil(len(data.train) / batch_size)
 
 
 def train_epoch(
     model: nn.Module,
-    data: Dataset,
+    data: TaskData,
     optimizer: torch.optim.Optimizer,
     *,
     batch_size: int,
@@ -108,8 +108,10 @@ def train_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     extra_loss: Callable[[], torch.Tensor] | None = None,
     after_step: Callable[[], None] | None = None,
+    score: Score = ACCURACY,
 ) -> float:
-    """One pass over the training split; returns the mean training loss.
+    """One pass over the training split; returns the mean training loss (``score``'s loss:
+    cross-entropy unless the user gave one).
 
     Raises:
         NonFiniteLossError: the loss became NaN or infinite (the trial is then marked failed).
@@ -119,7 +121,7 @@ def train_epoch(
     for x, y in data.batches(
         data.train, batch_size, shuffle=True, augment=True, generator=generator, device=device
     ):
-        loss = F.cross_entropy(model(x), y)
+        loss = score.training_loss(model(x), y)
         if extra_loss is not None:
             loss = loss + extra_loss()
         if not torch.isfinite(loss):
@@ -131,26 +133,24 @@ def train_epoch(
             scheduler.step()
         if after_step is not None:
             after_step()
-        total += loss.item() * len(y)
-        count += len(y)
+        n = len(y) if hasattr(y, "__len__") else 1
+        total += loss.item() * n
+        count += n
     return total / max(count, 1)
 
 
-@torch.no_grad()
 def evaluate(
-    model: nn.Module, data: Dataset, split: Split, *, device: torch.device, batch_size: int = 1000
+    model: nn.Module,
+    data: TaskData,
+    split,
+    *,
+    device: torch.device,
+    batch_size: int = 1000,
+    score: Score = ACCURACY,
 ) -> tuple[float, float]:
-    """(accuracy in [0, 1], mean cross-entropy) of ``model`` on ``split``."""
-    was_training = model.training
-    model.eval()
-    correct, loss, count = 0, 0.0, 0
-    for x, y in data.batches(split, batch_size, device=device):
-        logits = model(x)
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += int((logits.argmax(1) == y).sum())
-        count += len(y)
-    model.train(was_training)
-    return correct / max(count, 1), loss / max(count, 1)
+    """(score, mean loss) of ``model`` on ``split``: (top-1 accuracy in [0, 1], mean
+    cross-entropy) unless ``score`` says otherwise."""
+    return score.measure(model, data, split, device=device, batch_size=batch_size)
 
 
 class TrainingPhase:
@@ -165,7 +165,7 @@ class TrainingPhase:
     def __init__(
         self,
         model: nn.Module,
-        data: Dataset,
+        data: TaskData,
         settings: TrainSettings,
         *,
         generator: torch.Generator,
@@ -173,8 +173,9 @@ class TrainingPhase:
         params: Iterable[nn.Parameter] | None = None,
         extra_loss: Callable[[], torch.Tensor] | None = None,
         after_step: Callable[[], None] | None = None,
+        score: Score = ACCURACY,
     ):
-        self.model, self.data, self.settings = model, data, settings
+        self.model, self.data, self.settings, self.score = model, data, settings, score
         self.generator, self.device = generator, device
         self.extra_loss, self.after_step = extra_loss, after_step
         self.optimizer = make_optimizer(model.parameters() if params is None else params, settings)
@@ -202,19 +203,22 @@ class TrainingPhase:
             scheduler=self.scheduler,
             extra_loss=extra_loss or self.extra_loss,
             after_step=after_step or self.after_step,
+            score=self.score,
         )
 
 
 def fit(
     model: nn.Module,
-    data: Dataset,
+    data: TaskData,
     settings: TrainSettings,
     *,
     generator: torch.Generator,
     device: torch.device,
     on_epoch: Callable[[int, float], None] | None = None,
+    score: Score = ACCURACY,
 ) -> None:
     """Train for ``settings.epochs`` epochs, calling ``on_epoch(epoch, train_loss)`` after each."""
-    for epoch, loss in TrainingPhase(model, data, settings, generator=generator, device=device):
+    phase = TrainingPhase(model, data, settings, generator=generator, device=device, score=score)
+    for epoch, loss in phase:
         if on_epoch is not None:
             on_epoch(epoch, loss)

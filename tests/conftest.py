@@ -76,7 +76,7 @@ def reload_compressed(result, task: Task, path: Path) -> nn.Module:
         path,
         result.model,
         result.table,
-        model_spec=task.spec.model,
+        model_spec=task.spec.model_source.spec,
         input_shape=task.input_shape,
         num_classes=task.num_classes,
     )

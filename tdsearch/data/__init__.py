@@ -1,5 +1,7 @@
-"""Datasets: Fashion-MNIST (Debian package or a directory), scikit-learn's digits, MNIST and
-CIFAR-10/100 from a torchvision-layout directory, and a synthetic set for tests."""
+"""Data: the built-in datasets (Fashion-MNIST from Debian's package or a directory,
+scikit-learn's digits, MNIST and CIFAR-10/100 from a torchvision-layout directory, a synthetic
+set for tests), a user's own datasets (:class:`Data`), an image folder, and the picklable
+sources (factories) that build any of them inside a trial's worker."""
 
 from __future__ import annotations
 
@@ -7,6 +9,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tdsearch.data._dataset import VALIDATION_SEED, Dataset, Split
+from tdsearch.data._factories import (
+    BuiltinData,
+    DataSource,
+    FactoryData,
+    ObjectData,
+    TaskData,
+    build_cached,
+    import_object,
+    resolve_data,
+)
+from tdsearch.data._imagefolder import ImageFolder
 from tdsearch.data._sources import (
     FASHION_MNIST_DEBIAN_DIR,
     load_cifar10,
@@ -16,6 +29,7 @@ from tdsearch.data._sources import (
     load_mnist,
     load_synthetic,
 )
+from tdsearch.data._user import Data, to_device
 from tdsearch.errors import UserError
 
 DATASETS: dict[str, Callable[[Path | None], Dataset]] = {
@@ -56,7 +70,18 @@ __all__ = [
     "DATASET_SHAPES",
     "FASHION_MNIST_DEBIAN_DIR",
     "VALIDATION_SEED",
+    "BuiltinData",
+    "Data",
+    "DataSource",
     "Dataset",
+    "FactoryData",
+    "ImageFolder",
+    "ObjectData",
     "Split",
+    "TaskData",
+    "build_cached",
+    "import_object",
     "load_dataset",
+    "resolve_data",
+    "to_device",
 ]

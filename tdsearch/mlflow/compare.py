@@ -11,22 +11,32 @@ from pathlib import Path
 
 import pandas as pd
 
+from tdsearch.analysis import front_frame, usable_trials
 from tdsearch.errors import UserError
 from tdsearch.mlflow.export import find_search
 from tdsearch.mlflow.tracking import TAG_SEARCH, Tracker
-from tdsearch.search.progress import front_frame
-from tdsearch.search.summary import usable_trials
+from tdsearch.scoring import ACCURACY, Score
 from tdsearch.utils import atomic_write, format_table, human_count
 
-OBJECTIVES = ("accuracy", "params", "flops")
+OBJECTIVES = ("accuracy", "params", "macs")
 
 
-def compare_searches(tracker: Tracker, names: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(all finished trials of the searches, with a ``search`` column; their joint front)."""
+def compare_searches(
+    tracker: Tracker, names: Sequence[str]
+) -> tuple[pd.DataFrame, pd.DataFrame, Score]:
+    """(all finished trials of the searches, with a ``search`` column; their joint front; the
+    score they share).
+
+    Raises:
+        UserError: a search is unknown or has no finished trial, or the searches ranked their
+            trials by different scores (their fronts would not be comparable).
+    """
     frames = []
+    scores: dict[str, Score] = {}
     for name in names:
         parent = find_search(tracker, name)
-        trials = usable_trials(tracker.trials_frame(parent.info.run_id))
+        score = scores.setdefault(name, tracker.score_of(parent))
+        trials = usable_trials(tracker.trials_frame(parent.info.run_id), score)
         if trials.empty:
             raise UserError(f"search {name!r} has no finished trial to compare")
         frames.append(
@@ -35,26 +45,34 @@ def compare_searches(tracker: Tracker, names: Sequence[str]) -> tuple[pd.DataFra
                 method=parent.data.tags.get("method", ""),
             )
         )
+    kinds = {(s.name, s.direction) for s in scores.values()}
+    if len(kinds) > 1:
+        listed = ", ".join(f"{n}: {s.name} ({s.direction})" for n, s in scores.items())
+        raise UserError(f"the searches rank their trials by different scores ({listed})")
+    score = next(iter(scores.values()), ACCURACY)
     combined = pd.concat(frames, ignore_index=True)
-    return combined, front_frame(combined, OBJECTIVES)
+    return combined, front_frame(combined, OBJECTIVES, score), score
 
 
-def format_joint_front(front: pd.DataFrame) -> str:
+def format_joint_front(front: pd.DataFrame, score: Score = ACCURACY) -> str:
     rows = [
         [
             row["search"],
             f"{int(row['trial']):04d}",
-            f"{row['val_accuracy']:.4f}",
+            f"{row[score.column]:.4f}",
             human_count(row["params"]),
             f"{row.get('compression_ratio', float('nan')):.1f}x",
-            human_count(row["flops"]),
+            human_count(row["macs"]),
         ]
         for _, row in front.iterrows()
     ]
-    return format_table(rows, ["search", "trial", "val_acc", "params", "compress", "MACs"])
+    name = "val_acc" if score.is_accuracy else score.column
+    return format_table(rows, ["search", "trial", name, "params", "compress", "MACs"])
 
 
-def plot_fronts(trials: pd.DataFrame, joint: pd.DataFrame, path: Path) -> list[Path]:
+def plot_fronts(
+    trials: pd.DataFrame, joint: pd.DataFrame, path: Path, score: Score = ACCURACY
+) -> list[Path]:
     """Each search's own front (accuracy vs params and vs MACs), overlaid, as PNG and HTML."""
     import matplotlib
 
@@ -62,21 +80,21 @@ def plot_fronts(trials: pd.DataFrame, joint: pd.DataFrame, path: Path) -> list[P
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
-    for ax, cost in zip(axes, ("params", "flops"), strict=True):
+    for ax, cost in zip(axes, ("params", "macs"), strict=True):
         for k, (name, group) in enumerate(trials.groupby("search", sort=False)):
-            front = front_frame(group, ["accuracy", cost]).sort_values(cost)
-            ax.scatter(group[cost], group["val_accuracy"], s=10, color=f"C{k}", alpha=0.3)
+            front = front_frame(group, ["accuracy", cost], score).sort_values(cost)
+            ax.scatter(group[cost], group[score.column], s=10, color=f"C{k}", alpha=0.3)
             ax.step(
                 front[cost],
-                front["val_accuracy"],
+                front[score.column],
                 where="post",
                 color=f"C{k}",
                 label=f"{name} ({len(group)} trials)",
             )
-            ax.scatter(front[cost], front["val_accuracy"], s=28, color=f"C{k}")
+            ax.scatter(front[cost], front[score.column], s=28, color=f"C{k}")
         ax.scatter(
             joint[cost],
-            joint["val_accuracy"],
+            joint[score.column],
             s=90,
             facecolors="none",
             edgecolors="black",
@@ -84,31 +102,33 @@ def plot_fronts(trials: pd.DataFrame, joint: pd.DataFrame, path: Path) -> list[P
         )
         ax.set_xscale("log")
         ax.set_xlabel("parameters" if cost == "params" else "MACs")
-        ax.set_ylabel("validation accuracy")
+        ax.set_ylabel(f"validation {score.name} ({score.symbol})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     written = [atomic_write(path.with_suffix(".png"), lambda p: fig.savefig(p, format="png"))]
     plt.close(fig)
-    written.append(atomic_write(path.with_suffix(".html"), lambda p: _plot_html(trials, joint, p)))
+    written.append(
+        atomic_write(path.with_suffix(".html"), lambda p: _plot_html(trials, joint, p, score))
+    )
     return written
 
 
-def _plot_html(trials: pd.DataFrame, joint: pd.DataFrame, path: Path) -> None:
+def _plot_html(trials: pd.DataFrame, joint: pd.DataFrame, path: Path, score: Score) -> None:
     import plotly.express as px
 
     fig = px.scatter(
         trials,
         x="params",
-        y="val_accuracy",
+        y=score.column,
         color="search",
         log_x=True,
-        hover_data=["trial", "flops", "compression_ratio"],
+        hover_data=["trial", "macs", "compression_ratio"],
         title="trials of the compared searches (joint front: black rings)",
     )
     fig.add_scatter(
         x=joint["params"],
-        y=joint["val_accuracy"],
+        y=joint[score.column],
         mode="markers",
         marker=dict(size=14, color="rgba(0,0,0,0)", line=dict(width=2)),
         name="joint front",

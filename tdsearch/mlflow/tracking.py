@@ -29,6 +29,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
 from tdsearch.errors import UserError
+from tdsearch.scoring import Score
 
 TAG_SEARCH = "tdsearch.search"
 TAG_ROLE = "tdsearch.role"
@@ -40,6 +41,7 @@ TAG_NODE = "ray_node"
 TAG_WORKER = "ray_worker_pid"
 TAG_PARETO = "pareto"
 TAG_STATUS = "trial_status"
+TAG_SCORE = "tdsearch.score"
 PARENT_TAG = "mlflow.parentRunId"
 #: MLflow 3's UI opens an experiment on its GenAI (traces) overview unless the experiment says
 #: it holds training runs; with this tag it opens on the runs table, where searches live.
@@ -268,7 +270,20 @@ class Tracker:
         frame = pd.DataFrame(rows)
         if frame.empty:
             return frame
+        # searches recorded before MACs were called MACs logged them as "flops"
+        frame = frame.rename(
+            columns={
+                old: new
+                for old, new in (("flops", "macs"), ("flops_reduction", "macs_reduction"))
+                if old in frame and new not in frame
+            }
+        )
         return frame.sort_values("trial").reset_index(drop=True)
+
+    def score_of(self, parent) -> Score:
+        """The score a search ranked its trials by (its parent run's tag; accuracy before)."""
+        text = parent.data.tags.get(TAG_SCORE)
+        return Score.from_dict(json.loads(text) if text else None)
 
     def find_searches(self, name: str | None = None) -> list:
         """Parent runs of searches in the experiment, newest first (optionally by name)."""
@@ -317,7 +332,7 @@ def rank_params(table_json: str) -> dict[str, Any]:
 
     if not table_json:
         return {}
-    table = RankTable.from_dict(json.loads(table_json))
+    table = RankTable.from_json(table_json)
     params: dict[str, Any] = {}
     for name, spec in table.items():
         params[f"layer.{name}"] = spec.describe()

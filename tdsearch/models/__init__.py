@@ -1,11 +1,15 @@
-"""Built-in models and a user's own model given as ``package.module:factory``."""
+"""Built-in models and a user's own: an ``nn.Module`` object, a factory, or
+``package.module:factory``."""
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +32,7 @@ def is_user_model(spec: str) -> bool:
     return ":" in spec
 
 
-def build_model(spec: str, input_shape: InputShape, num_classes: int) -> nn.Module:
+def build_model(spec: str, input_shape: InputShape, num_classes: int | None) -> nn.Module:
     """A fresh, randomly initialised model.
 
     Args:
@@ -39,6 +43,11 @@ def build_model(spec: str, input_shape: InputShape, num_classes: int) -> nn.Modu
         num_classes: number of output classes.
     """
     if spec in BUILTIN_MODELS:
+        if num_classes is None or len(input_shape) != 3:
+            raise UserError(
+                f"model {spec} is an image classifier: it needs (C, H, W) inputs and "
+                f"num_classes, got inputs {tuple(input_shape)} and num_classes {num_classes}"
+            )
         return BUILTIN_MODELS[spec](input_shape, num_classes)
     if not is_user_model(spec):
         raise UserError(
@@ -48,7 +57,7 @@ def build_model(spec: str, input_shape: InputShape, num_classes: int) -> nn.Modu
     return _build_user_model(spec, input_shape, num_classes)
 
 
-def _build_user_model(spec: str, input_shape: InputShape, num_classes: int) -> nn.Module:
+def _build_user_model(spec: str, input_shape: InputShape, num_classes: int | None) -> nn.Module:
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -57,10 +66,19 @@ def _build_user_model(spec: str, input_shape: InputShape, num_classes: int) -> n
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise UserError(f"--model {spec}: {module_name} has no callable named {attr!r}")
+    return call_factory(factory, f"--model {spec}", input_shape, num_classes)
+
+
+def call_factory(
+    factory: Callable[..., Any], label: str, input_shape: InputShape, num_classes: int | None
+) -> nn.Module:
+    """Call a model factory with whichever of ``in_channels``, ``num_classes`` and
+    ``input_shape`` it accepts as keywords; it must return an ``nn.Module``."""
+    spec = label
     offered = {
-        "in_channels": input_shape[0],
+        "in_channels": input_shape[0] if input_shape else None,
         "num_classes": num_classes,
-        "input_shape": input_shape,
+        "input_shape": tuple(input_shape),
     }
     try:
         params = inspect.signature(factory).parameters
@@ -70,12 +88,91 @@ def _build_user_model(spec: str, input_shape: InputShape, num_classes: int) -> n
     try:
         model = factory(**kwargs)
     except Exception as err:
-        raise UserError(f"--model {spec}: the factory raised {type(err).__name__}: {err}") from err
+        raise UserError(f"{spec}: the factory raised {type(err).__name__}: {err}") from err
     if not isinstance(model, nn.Module):
         raise UserError(
-            f"--model {spec}: the factory returned {type(model).__name__}, not a torch.nn.Module"
+            f"{spec}: the factory returned {type(model).__name__}, not a torch.nn.Module"
         )
     return model
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How a trial gets a fresh copy of the model's architecture.
+
+    Exactly one of: ``spec`` (a built-in name or ``package.module:factory``), ``factory`` (a
+    picklable callable returning an ``nn.Module``, called with whichever of ``in_channels``,
+    ``num_classes`` and ``input_shape`` it accepts) or ``template`` (a user's module object;
+    each trial gets a deep copy of its structure, and its own weights are the trained baseline).
+    """
+
+    spec: str | None = None
+    factory: Callable[..., nn.Module] | None = None
+    template: nn.Module | None = None
+
+    @property
+    def label(self) -> str:
+        """A short name for logs, MLflow tags and default search names."""
+        if self.spec is not None:
+            return self.spec
+        if self.factory is not None:
+            return getattr(self.factory, "__name__", type(self.factory).__name__)
+        return type(self.template).__name__
+
+    @property
+    def is_trained(self) -> bool:
+        """A module object carries its trained weights: the dense baseline is that module."""
+        return self.template is not None
+
+    def build(self, input_shape: InputShape, num_classes: int | None) -> nn.Module:
+        if self.spec is not None:
+            return build_model(self.spec, input_shape, num_classes)
+        if self.factory is not None:
+            return call_factory(self.factory, f"model {self.label}", input_shape, num_classes)
+        return copy.deepcopy(self.template)
+
+
+def resolve_model(model: Any) -> ModelSource:
+    """The :class:`ModelSource` of what a user passed as ``model``.
+
+    Raises:
+        UserError: an unknown name, something that is not a module or a factory, or a module
+            object that cannot be pickled (trials run in other processes) in one sentence.
+    """
+    if isinstance(model, ModelSource):
+        return model
+    if isinstance(model, str):
+        if model not in BUILTIN_MODELS and not is_user_model(model):
+            raise UserError(
+                f"unknown model {model!r}; choose one of {', '.join(BUILTIN_MODELS)} "
+                "or give your own as package.module:factory"
+            )
+        return ModelSource(spec=model)
+    if isinstance(model, nn.Module):
+        _check_picklable(model)
+        return ModelSource(template=model)
+    if callable(model):
+        return ModelSource(factory=model)
+    raise UserError(
+        f"model: expected an nn.Module, a factory returning one, a built-in name or "
+        f"package.module:factory, got {type(model).__name__}"
+    )
+
+
+def _check_picklable(model: nn.Module) -> None:
+    # Ray ships the model to its workers with cloudpickle; fail here, in one sentence, rather
+    # than in the first trial with Ray's serialisation traceback.
+    import cloudpickle
+
+    try:
+        cloudpickle.dumps(model)
+    except Exception as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(
+            f"model {type(model).__name__} cannot be pickled to reach the trials ({reason}); "
+            "pass a factory that builds it instead, e.g. create_search(model=make_model, ...) "
+            "with weights loaded inside make_model"
+        ) from None
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
@@ -118,7 +215,10 @@ __all__ = [
     "BUILTIN_MODELS",
     "CifarResNet",
     "LeNet5",
+    "ModelSource",
     "build_model",
+    "call_factory",
     "is_user_model",
     "load_weights",
+    "resolve_model",
 ]

@@ -1,13 +1,6 @@
-"""Ray Tune + Optuna orchestration of a search, Pareto fronts, early stopping, resume."""
+"""Ray Tune + Optuna orchestration of a search: trials, early stopping, resume, the Ray Tune
+callback that hands every result to MLflow tracking."""
 
-from tdsearch.search.pareto import hypervolume_2d, knee_index, pareto_mask
 from tdsearch.search.run import SearchFailed, SearchOutcome, run_search
 
-__all__ = [
-    "SearchFailed",
-    "SearchOutcome",
-    "hypervolume_2d",
-    "knee_index",
-    "pareto_mask",
-    "run_search",
-]
+__all__ = ["SearchFailed", "SearchOutcome", "run_search"]

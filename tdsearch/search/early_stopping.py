@@ -114,13 +114,14 @@ class FailureGuard(Stopper):
     not at the search, so they never stop it (a search whose trials all fail still ends with
     an error quoting the first one)."""
 
-    def __init__(self, patience: int = 3):
+    def __init__(self, patience: int = 3, score_column: str = "val_accuracy"):
         self.patience = patience
+        self.score_column = score_column
         self._kinds: dict[str, str] = {}
         self._succeeded = False
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        accuracy = result.get("val_accuracy")
+        accuracy = result.get(self.score_column)
         if result.get("failed"):
             self._kinds[trial_id] = str(result.get("error", "")).split(":", 1)[0]
         elif isinstance(accuracy, int | float) and math.isfinite(accuracy):

@@ -13,46 +13,10 @@ from collections.abc import Callable, Sequence
 import pandas as pd
 from ray.tune import Callback
 
-from tdsearch.mlflow.callback import trial_number
-from tdsearch.search.pareto import objective_columns, pareto_mask
-from tdsearch.utils import format_table, human_count
-
-FRONT_COLUMNS = ["trial", "val_accuracy", "params", "compression_ratio", "flops", "flops_reduction"]
-
-
-def front_frame(frame: pd.DataFrame, objectives: Sequence[str]) -> pd.DataFrame:
-    """The Pareto-optimal rows of ``frame`` (failed trials excluded), most accurate first."""
-    if frame.empty:
-        return frame
-    ok = frame[frame.get("failed", pd.Series(0, index=frame.index)).fillna(0) == 0]
-    columns = objective_columns(objectives)
-    if any(col not in ok for col, _ in columns):
-        return ok.iloc[0:0]
-    front = ok[pareto_mask(ok, columns)]
-    return front.sort_values("val_accuracy", ascending=False)
-
-
-def format_front(front: pd.DataFrame, baseline_accuracy: float | None = None) -> str:
-    rows = []
-    latency = "latency_ms" in front and front["latency_ms"].notna().any()
-    for _, row in front.iterrows():
-        drop = ""
-        if baseline_accuracy is not None:
-            drop = f"{100 * (row['val_accuracy'] - baseline_accuracy):+.2f}"
-        rows.append(
-            [
-                f"{int(row['trial']):04d}",
-                f"{row['val_accuracy']:.4f}",
-                drop,
-                human_count(row["params"]),
-                f"{row.get('compression_ratio', float('nan')):.1f}x",
-                human_count(row["flops"]),
-                f"{row.get('flops_reduction', float('nan')):.1f}x",
-                *([f"{row['latency_ms']:.2f}"] if latency else []),
-            ]
-        )
-    headers = ["trial", "val_acc", "Δ pts", "params", "compress", "MACs", "MACs ↓"]
-    return format_table(rows, headers + (["latency ms"] if latency else []))
+from tdsearch.analysis import format_front, front_frame
+from tdsearch.scoring import ACCURACY, Score
+from tdsearch.search.callback import trial_number
+from tdsearch.utils import human_count
 
 
 class ProgressPrinter(Callback):
@@ -62,13 +26,15 @@ class ProgressPrinter(Callback):
         self,
         budget: int,
         objectives: Sequence[str],
-        baseline_accuracy: float,
+        baseline_score: float,
         front_every: int = 10,
         out: Callable[[str], None] = print,
+        score: Score = ACCURACY,
     ):
         self.budget = budget
         self.objectives = list(objectives)
-        self.baseline_accuracy = baseline_accuracy
+        self.baseline_score = baseline_score
+        self.score = score
         self.front_every = front_every
         self.out = out
         self._start = time.monotonic()
@@ -99,17 +65,18 @@ class ProgressPrinter(Callback):
         running = sum(t.status == "RUNNING" for t in trials if t is not trial)
         last = trial.last_result or {}
         frame = self._frame(trials, trial)
-        front = front_frame(frame, self.objectives)
+        front = front_frame(frame, self.objectives, self.score)
         number = trial_number(trial)
         if trial.status == "ERROR" or last.get("failed"):
             what = f"FAILED: {last.get('error', 'the worker died')}"
         else:
             what = (
-                f"val_acc {last.get('val_accuracy', float('nan')):.4f}  "
+                f"val_{'acc' if self.score.is_accuracy else self.score.name} "
+                f"{last.get(self.score.column, float('nan')):.4f}  "
                 f"params {human_count(last.get('params', 0))} "
                 f"({last.get('compression_ratio', float('nan')):.1f}x)  "
-                f"MACs {human_count(last.get('flops', 0))} "
-                f"({last.get('flops_reduction', float('nan')):.1f}x)"
+                f"MACs {human_count(last.get('macs', 0))} "
+                f"({last.get('macs_reduction', float('nan')):.1f}x)"
             )
         elapsed = time.monotonic() - self._start
         self.out(
@@ -118,8 +85,8 @@ class ProgressPrinter(Callback):
         )
         self._printed += 1
         if self.front_every and self._printed % self.front_every == 0 and len(front):
-            self.out("current Pareto front (validation accuracy vs params / MACs):")
-            self.out(format_front(front, self.baseline_accuracy))
+            self.out(f"current Pareto front (validation {self.score.name} vs params / MACs):")
+            self.out(format_front(front, self.baseline_score, self.score))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._report(trials, trial)

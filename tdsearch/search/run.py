@@ -1,8 +1,10 @@
-"""One search, end to end: config -> task -> space -> Ray Tune + Optuna -> MLflow -> summary."""
+"""One search, end to end: settings -> task -> space -> Ray Tune + Optuna -> MLflow -> summary.
+
+:func:`run_search` is what both ``tdsearch.create_search(...).optimize()`` and the CLI call.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -14,18 +16,18 @@ from pathlib import Path
 
 import pandas as pd
 
+from tdsearch.analysis import SearchSummary, format_front, objective_columns, summarize
 from tdsearch.config import SearchConfig
 from tdsearch.errors import UserError
-from tdsearch.mlflow.tracking import TAG_PARETO, Tracker
-from tdsearch.search.pareto import objective_columns
-from tdsearch.search.progress import format_front
+from tdsearch.mlflow.tracking import TAG_PARETO, TAG_SCORE, Tracker
+from tdsearch.search.callback import trial_number
 from tdsearch.search.store import SearchState, default_name, resolve_name
-from tdsearch.search.summary import SearchSummary, summarize
 from tdsearch.search.trial import TrialSettings, run_trial
 from tdsearch.spaces import SearchSpace, build_space, select_layers
 from tdsearch.task import Task, load_task, open_task
 from tdsearch.tensor import LayerInfo
-from tdsearch.trainers import Trainer, make_trainer
+from tdsearch.trainers import Trainer
+from tdsearch.utils import human_count
 
 #: Process-wide settings for Ray Tune, set before it is imported: save the experiment state
 #: after every step (so a driver killed with SIGKILL loses no finished trial; the state is a
@@ -40,8 +42,6 @@ RAY_ENVIRONMENT = {
 def trial_dirname(trial) -> str:
     """``trial_0007_<id>``: Ray's default puts the whole config in the directory name, which
     outgrows file-name limits on models with many layers."""
-    from tdsearch.mlflow.callback import trial_number
-
     return f"trial_{trial_number(trial):04d}_{trial.trial_id}"
 
 
@@ -55,6 +55,7 @@ class SearchOutcome:
     trials: pd.DataFrame
     summary: SearchSummary
     interrupted: bool = False
+    task: Task | None = None
 
 
 def prepare(
@@ -63,15 +64,27 @@ def prepare(
     """The search's name (never an earlier search's), the stored config of a resumed search,
     and its tracker (not yet connected)."""
     storage = config.storage_path
-    base = default_name(config.model, config.dataset, config.method)
+    base = default_name(config.model_label, config.dataset_label, config.space.method_name)
     name, resuming = resolve_name(storage, config.name, base, config.resume)
     state = None
     if resuming:
         state = SearchState.load(storage / name)
-        stored = SearchConfig.from_mapping(state.config)
         # Settings that shape the search come from the stored config; where it runs may change.
-        config = dataclasses.replace(
-            stored, resume=True, name=name, address=config.address, storage=config.storage
+        # Objects given from Python (a model, a dataset, a metric) are not in the file: the
+        # caller passes them again.
+        objects = {}
+        for key in state.python_objects:
+            value = getattr(config, key)
+            if value is None or isinstance(value, str):
+                raise UserError(
+                    f"search {name} was started from Python with its {key} given as an object; "
+                    f"resume it from Python, passing the same {key} to create_search"
+                )
+            objects[key] = value
+        recorded = {k: v for k, v in state.config.items() if k not in state.python_objects}
+        stored = SearchConfig.from_mapping(recorded)
+        config = stored.replace(
+            **objects, resume=True, name=name, address=config.address, storage=config.storage
         )
         tracker = Tracker(state.tracking_uri, stored.experiment)
         log(f"resuming search {name} from {storage / name}")
@@ -87,7 +100,7 @@ def build_search_space(
     conv_format = trainer.conv_format(config.format)
     return build_space(
         layers,
-        method=config.method,
+        method=config.space.method_name,
         conv_format=conv_format,
         linear_format=trainer.linear_format(config.linear_format, conv_format),
         method_dims=[
@@ -106,19 +119,26 @@ def build_search_space(
 
 
 def run_search(config: SearchConfig, log: Callable[[str], None] = print) -> SearchOutcome:
-    # Everything a user can get wrong fails here, in seconds, before the tracking store is
-    # touched or a baseline trains: names, data, model, weights, ranks, the store itself.
+    """Run (or resume) the search ``config`` describes and return its outcome.
+
+    Raises:
+        UserError: bad input, found in seconds before the tracking store is touched or a
+            baseline trains: names, data, model, weights, ranks, the store itself.
+        SearchFailed: every trial failed (the first error is quoted).
+    """
     config, name, resuming, tracker, state = prepare(config, log)
-    trainer = make_trainer(config.method, config.options)
-    opened = open_task(config.task_spec())
+    trainer = config.space.trainer
+    spec = config.task_spec()
+    opened = open_task(spec)
     space = build_search_space(config, trainer, opened.layers)
     tracker.connect()
     task = load_task(
-        config.task_spec(),
+        spec,
         cache_dir=Path(config.cache_dir) if config.cache_dir else None,
         log=log,
         opened=opened,
     )
+    score = task.score
     directory = config.storage_path / name
 
     for key, value in RAY_ENVIRONMENT.items():
@@ -134,13 +154,18 @@ def run_search(config: SearchConfig, log: Callable[[str], None] = print) -> Sear
             parent_id = _start_parent(tracker, config, name, space, task)
             directory.mkdir(parents=True, exist_ok=True)
             state = SearchState(
-                name, config.to_dict(), tracker.tracking_uri, tracker.experiment_id, parent_id
+                name,
+                config.to_dict(),
+                tracker.tracking_uri,
+                tracker.experiment_id,
+                parent_id,
+                python_objects=config.python_objects(),
             )
             state.save(directory)
         log(
-            f"search {name}: {config.budget} trials of {config.method} on {config.model} / "
-            f"{config.dataset}, {len(space.searched)} dimensions, concurrency "
-            f"{config.concurrency}"
+            f"search {name}: {config.budget} trials of {config.space.method_name} on "
+            f"{config.model_label} / {config.dataset_label}, {len(space.searched)} dimensions, "
+            f"concurrency {config.concurrency}"
         )
         tuner = _make_tuner(
             config, trainer, task, space, tracker, parent_id, directory, resuming, log
@@ -169,7 +194,7 @@ def run_search(config: SearchConfig, log: Callable[[str], None] = print) -> Sear
     frame = tracker.trials_frame(parent_id)
     all_failed = not frame.empty and not (frame["status"] == "FINISHED").any()
     interrupted = ended < config.budget and not all_failed
-    summary = summarize(frame, config.objectives, task.baseline_metrics)
+    summary = summarize(frame, config.objectives, task.baseline_metrics, score)
     status = "KILLED" if interrupted else "FAILED" if all_failed else "FINISHED"
     _finish_parent(tracker, parent_id, frame, summary, task, name, status)
     state.status = "interrupted" if interrupted else "finished"
@@ -183,6 +208,7 @@ def run_search(config: SearchConfig, log: Callable[[str], None] = print) -> Sear
         frame,
         summary,
         interrupted,
+        task,
     )
     _print_summary(outcome, task, elapsed, log)
     if not interrupted:
@@ -225,8 +251,7 @@ def _start_parent(
         for k, v in config.to_dict().items()
         if v not in (None, [], {}) and k not in ("resume",)
     }
-    tags = {"method": config.method, "model": config.model, "dataset": config.dataset}
-    parent_id = tracker.start_parent(name, params, tags)
+    parent_id = tracker.start_parent(name, params, _run_tags(config, task))
     base = {f"baseline_{k}": v for k, v in task.baseline_metrics.items()}
     tracker.log_metrics(parent_id, base, step=0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -252,16 +277,16 @@ def _make_tuner(
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from tdsearch.mlflow.callback import MlflowTrialLogger
+    from tdsearch.search.callback import MlflowTrialLogger
     from tdsearch.search.early_stopping import FailureGuard, ParetoHalving
     from tdsearch.search.progress import ProgressPrinter
     from tdsearch.search.samplers import make_sampler
 
     train = config.train_settings()
     cpus = config.resolved_cpus_per_trial()
+    score = task.score
     settings = TrialSettings(
-        config.method,
-        dict(config.options),
+        trainer,
         train,
         config.seed,
         threads=max(1, int(cpus)),
@@ -282,7 +307,7 @@ def _make_tuner(
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    columns = objective_columns(config.objectives)
+    columns = objective_columns(config.objectives, score)
     searcher = OptunaSearch(
         space=space.suggest,
         metric=[c for c, _ in columns],
@@ -304,19 +329,27 @@ def _make_tuner(
         from ray.tune.schedulers import ASHAScheduler
 
         scheduler = ASHAScheduler(
-            metric="val_accuracy", mode="max", max_t=epochs, grace_period=1, reduction_factor=3
+            metric=score.column,
+            mode=score.direction,
+            max_t=epochs,
+            grace_period=1,
+            reduction_factor=3,
         )
     callbacks = [
         MlflowTrialLogger(
             tracker,
             parent_id,
-            {"method": config.method, "model": config.model, "dataset": config.dataset},
+            _run_tags(config, task),
             frozenset(n for s in space.slots for n in s.dims),
             ranks_known_at_start=not trainer.selects_ranks,
             planned_epochs=epochs,
         ),
         ProgressPrinter(
-            config.budget, config.objectives, task.baseline_metrics["val_accuracy"], out=log
+            config.budget,
+            config.objectives,
+            task.baseline_metrics[score.column],
+            out=log,
+            score=score,
         ),
     ]
     return tune.Tuner(
@@ -335,7 +368,7 @@ def _make_tuner(
             name=directory.name,
             storage_path=str(directory.parent),
             callbacks=callbacks,
-            stop=FailureGuard(patience=min(3, config.budget)),
+            stop=FailureGuard(patience=min(3, config.budget), score_column=score.column),
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -387,16 +420,64 @@ def _finish_parent(
     for run_id in frame.get("run_id", []):
         tracker.set_tags(run_id, {TAG_PARETO: "true" if run_id in front_ids else "false"})
     tracker.log_metrics(parent_id, {k: v for k, v in summary.metrics.items() if v == v}, step=0)
+    title = f"{name}: {task.spec.model_label} on {task.spec.data_label}"
     with tempfile.TemporaryDirectory() as tmp:
-        write_search_artifacts(
-            Path(tmp),
-            frame,
-            summary,
-            task.baseline_metrics,
-            f"{name}: {task.spec.model} on {task.spec.dataset}",
-        )
+        write_search_artifacts(Path(tmp), frame, summary, task.baseline_metrics, title, task.score)
         tracker.log_artifacts(parent_id, Path(tmp), "pareto")
+    tracker.set_tags(parent_id, {NOTE_TAG: run_note(name, summary, task, status)})
     tracker.finish(parent_id, status)
+
+
+#: MLflow shows this tag as a run's description, to everyone who opens the run.
+NOTE_TAG = "mlflow.note.content"
+
+
+def _run_tags(config: SearchConfig, task: Task) -> dict[str, str]:
+    """Tags of the parent and of every trial run."""
+    import json
+
+    return {
+        "method": config.space.method_name,
+        "model": task.spec.model_label,
+        "dataset": task.spec.data_label,
+        TAG_SCORE: json.dumps(task.score.to_dict()),
+    }
+
+
+def run_note(name: str, summary: SearchSummary, task: Task, status: str) -> str:
+    """The parent run's description (Markdown): what was searched, the baseline, the knee and
+    the front, and how to export."""
+    score = task.score
+    m = task.baseline_metrics
+    s = summary.metrics
+    lines = [
+        f"**{name}**: {task.spec.model_label} on {task.spec.data_label}, "
+        f"{int(s['trials_finished'])} trials finished, {int(s['trials_failed'])} failed "
+        f"({status.lower()}).",
+        "",
+        f"Dense baseline: validation {score.name} {m[score.column]:.4f}, "
+        f"{human_count(m['params'])} params, {human_count(m['macs'])} MACs.",
+    ]
+    if summary.knee is not None:
+        k = summary.knee
+        lines += [
+            "",
+            f"Knee: trial {int(k['trial']):04d}, validation {score.name} "
+            f"{k[score.column]:.4f}, {human_count(k['params'])} params "
+            f"({k.get('compression_ratio', float('nan')):.1f}x fewer), "
+            f"{human_count(k['macs'])} MACs. Export it with "
+            f"`tdsearch export --name {name} --select knee`.",
+        ]
+    if len(summary.front):
+        lines += [
+            "",
+            "Pareto front:",
+            "",
+            "```",
+            format_front(summary.front, m[score.column], score),
+            "```",
+        ]
+    return "\n".join(lines)
 
 
 def _print_summary(
@@ -404,19 +485,22 @@ def _print_summary(
 ) -> None:
     m = task.baseline_metrics
     s = outcome.summary.metrics
+    score = task.score
     log("")
     log(
         f"search {outcome.name} {'interrupted' if outcome.interrupted else 'finished'} in "
         f"{elapsed / 60:.1f} min: {int(s['trials_finished'])} trials finished, "
         f"{int(s['trials_failed'])} failed"
     )
+    test = m.get(score.test_column)
     log(
-        f"dense baseline: val {m['val_accuracy']:.4f}, test {m['test_accuracy']:.4f}, "
-        f"{int(m['params'])} params, {int(m['flops'])} MACs"
+        f"dense baseline: val {score.name} {m[score.column]:.4f}"
+        + (f", test {test:.4f}" if test is not None else "")
+        + f", {int(m['params'])} params, {int(m['macs'])} MACs"
     )
     if len(outcome.summary.front):
-        log("Pareto front (validation accuracy vs params / MACs):")
-        log(format_front(outcome.summary.front, m["val_accuracy"]))
+        log(f"Pareto front (validation {score.name} vs params / MACs):")
+        log(format_front(outcome.summary.front, m[score.column], score))
         if outcome.summary.knee is not None:
             log(
                 f"knee: trial {int(outcome.summary.knee['trial']):04d} "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,9 @@ class SearchState:
     experiment_id: str
     parent_run_id: str
     status: str = "running"
+    #: settings given as Python objects (model, dataset, metric ...): not in ``config``, passed
+    #: again by whoever resumes
+    python_objects: list[str] = field(default_factory=list)
 
     def save(self, directory: Path) -> None:
         atomic_write_text(directory / STATE_FILE, json.dumps(self.__dict__, indent=2) + "\n")

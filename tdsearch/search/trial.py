@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import json
 import math
 import resource
 import tempfile
@@ -22,6 +21,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import ray
 import torch
 from ray import tune
@@ -31,20 +31,21 @@ from tdsearch.checkpoint import save_compressed
 from tdsearch.spaces import SearchSpace
 from tdsearch.task import Task
 from tdsearch.tensor import RankTable, measure_latency, table_of
-from tdsearch.trainers import TrialSpec, make_trainer
+from tdsearch.trainers import Trainer, TrialSpec
 from tdsearch.training import TrainSettings, default_device, evaluate, seed_everything
 
 
 @dataclass(frozen=True)
 class TrialSettings:
-    """What every trial of a search shares (beyond the task and the space)."""
+    """What every trial of a search shares (beyond the task and the space): the trainer built
+    once for the search (a worker receives it with the first trial it runs), its training, and
+    what to measure."""
 
-    method: str
-    options: dict
+    trainer: Trainer
     train: TrainSettings
     seed: int = 0
     threads: int = 1
-    objectives: tuple[str, ...] = ("accuracy", "params", "flops")
+    objectives: tuple[str, ...] = ("accuracy", "params", "macs")
     latency_batch: int = 1
 
 
@@ -55,9 +56,9 @@ class TuneReporter:
     measures latency when it is an objective, and checkpoints the compact model whenever the
     trainer hands one over, so even a trial stopped early leaves a loadable model behind.
     Every report also carries the trial's wall time so far (``trial_seconds``), the part of it
-    spent reporting and checkpointing (``report_seconds``) and the worker process's peak memory
-    so far (``peak_rss_mb``; a worker runs trial after trial, so it is the peak over them):
-    what the overhead benchmark and a user sizing a cluster need.
+    spent reporting and checkpointing (``report_seconds``), the worker process's peak memory
+    so far (``peak_rss_mb``; a worker runs trial after trial, so it is the peak over them) and
+    its memory now (``rss_mb``): what the overhead benchmark and a user sizing a cluster need.
     """
 
     def __init__(self, task: Task, settings: TrialSettings, target: RankTable):
@@ -85,11 +86,12 @@ class TuneReporter:
         table = table if len(table) else self.target
         result = {
             **metrics,
-            "rank_table": json.dumps(table.to_dict()),
+            "rank_table": table.to_json(),
             "node": self.node,
             "trial_seconds": entered - self.started,
             "report_seconds": self.reporting,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_mb": psutil.Process().memory_info().rss / 2**20,
         }
         if model is not None and "latency" in self.settings.objectives:
             result["latency_ms"] = measure_latency(
@@ -98,9 +100,10 @@ class TuneReporter:
                 batch_size=self.settings.latency_batch,
                 device=self.device,
             )
-        if final and model is not None:
-            result["test_accuracy"], _ = evaluate(
-                model, self.task.data, self.task.data.test, device=self.device
+        if final and model is not None and self.task.data.test is not None:
+            score = self.task.score
+            result[score.test_column], _ = evaluate(
+                model, self.task.data, self.task.data.test, device=self.device, score=score
             )
         if model is None:
             tune.report(result)
@@ -110,7 +113,7 @@ class TuneReporter:
                 Path(tmp) / "model.pt",
                 model,
                 table,
-                model_spec=self.task.spec.model,
+                model_spec=self.task.spec.model_source.spec,
                 input_shape=self.task.input_shape,
                 num_classes=self.task.num_classes,
                 metrics={k: v for k, v in result.items() if isinstance(v, int | float)},
@@ -123,13 +126,13 @@ class TuneReporter:
         nan = math.nan
         tune.report(
             {
-                "val_accuracy": nan,
+                self.task.score.column: nan,
                 "params": nan,
-                "flops": nan,
+                "macs": nan,
                 "latency_ms": nan,
                 "failed": 1,
                 "error": text,
-                "rank_table": json.dumps(self.target.to_dict()),
+                "rank_table": self.target.to_json(),
             }
         )
 
@@ -155,7 +158,7 @@ def run_trial(config: dict, *, task: Task, space: SearchSpace, settings: TrialSe
     reporter = TuneReporter(task, settings, table)
     try:
         seed_everything(settings.seed)
-        trainer = make_trainer(settings.method, settings.options)
+        trainer = settings.trainer
         hyperparameters = space.hyperparameters(config)
         table = reporter.target = trainer.target_table(table, hyperparameters, task.layers)
         trial = TrialSpec(table, hyperparameters, settings.train, settings.seed, reporter.device)

@@ -15,6 +15,7 @@ from tdsearch.tensor.compress import (
 from tdsearch.tensor.counting import (
     count_flops,
     count_flops_by_layer,
+    count_macs,
     count_params,
     measure_latency,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "compress",
     "count_flops",
     "count_flops_by_layer",
+    "count_macs",
     "count_params",
     "decomposable_layers",
     "feasible_ranks",

@@ -34,9 +34,14 @@ def _counted(model: nn.Module, input_shape: Sequence[int]) -> FlopCounterMode:
     return counter
 
 
-def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
-    """Multiply-accumulates of one forward pass on one input of shape (C, H, W)."""
+def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """Multiply-accumulates of one forward pass on one input of shape ``input_shape`` (e.g.
+    (C, H, W), without the batch dimension)."""
     return _counted(model, input_shape).get_total_flops() // 2
+
+
+#: The earlier name of :func:`count_macs` (it always counted multiply-accumulates).
+count_flops = count_macs
 
 
 def count_flops_by_layer(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:

@@ -147,6 +147,16 @@ class RankTable(Mapping[str, LayerRanks]):
     def to_dict(self) -> dict:
         return {"layers": {name: ranks.to_dict() for name, ranks in self._layers.items()}}
 
+    def to_json(self) -> str:
+        """One-line JSON: how a trial's table travels in results, MLflow tags and back."""
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> RankTable:
+        """The table of :meth:`to_json` (any JSON of :meth:`to_dict`); an empty text is an
+        empty table."""
+        return cls.from_dict(json.loads(text)) if text else cls()
+
     @classmethod
     def from_dict(cls, data: Mapping) -> RankTable:
         if not isinstance(data, Mapping) or not isinstance(data.get("layers"), Mapping):

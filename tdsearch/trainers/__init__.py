@@ -13,6 +13,7 @@ from tdsearch.trainers._base import (
     TrialSpec,
     measure,
     options_from_mapping,
+    sampled_or_fixed,
 )
 from tdsearch.trainers.adaptive_tucker import AdaptiveTucker
 from tdsearch.trainers.admm import AdmmTT, AdmmTucker
@@ -71,5 +72,6 @@ __all__ = [
     "make_trainer",
     "measure",
     "options_from_mapping",
+    "sampled_or_fixed",
     "trainer_class",
 ]

@@ -29,7 +29,7 @@ from tdsearch.spaces import Dimension
 from tdsearch.task import Task
 from tdsearch.tensor import LayerRanks, RankTable, compress, count_flops, count_params
 from tdsearch.tensor.layers import class_for, layer_kind
-from tdsearch.trainers._base import Reporter, TrialSpec, measure
+from tdsearch.trainers._base import Reporter, TrialSpec, measure, sampled_or_fixed
 from tdsearch.trainers._fine_tune import fine_tune
 from tdsearch.training import (
     TrainingPhase,
@@ -82,10 +82,7 @@ class AdmmOptions:
     def rho_of(self, hyperparameters) -> float:
         """The trial's ρ: its sampled value, else the fixed one, else the paper's default
         clipped into the range."""
-        low, high = self.rho
-        if "rho" in hyperparameters:
-            return float(hyperparameters["rho"])
-        return low if low == high else min(max(DEFAULT_RHO, low), high)
+        return sampled_or_fixed(self.rho_dimension(), hyperparameters, default=DEFAULT_RHO)
 
 
 @dataclass
@@ -220,16 +217,16 @@ def decomposition_errors(
 
 
 def target_size(task: Task, table: RankTable) -> dict[str, float]:
-    """params / flops / compression_ratio / flops_reduction of the compact model ``table``
+    """params / flops / compression_ratio / macs_reduction of the compact model ``table``
     gives, for the reports of a phase that still trains a dense model."""
     compact = compress(task.dense_model(), table, init=False)
     params = count_params(compact)
     flops = count_flops(compact, task.input_shape)
     return {
         "params": params,
-        "flops": flops,
+        "macs": flops,
         "compression_ratio": task.baseline_metrics["params"] / max(params, 1),
-        "flops_reduction": task.baseline_metrics["flops"] / max(flops, 1),
+        "macs_reduction": task.baseline_metrics["macs"] / max(flops, 1),
     }
 
 
@@ -253,12 +250,15 @@ def admm_epochs(
         device=trial.device,
         extra_loss=admm.penalty,
         after_step=admm.after_step,
+        score=task.score,
     )
     for epoch, loss in phase:
         admm.end_epoch()
-        accuracy, val_loss = evaluate(model, task.data, task.data.val, device=trial.device)
+        value, val_loss = evaluate(
+            model, task.data, task.data.val, device=trial.device, score=task.score
+        )
         yield {
-            "val_accuracy": accuracy,
+            task.score.column: value,
             "val_loss": val_loss,
             "loss": loss,
             "epoch": epoch,

@@ -91,6 +91,15 @@ class Trainer(abc.ABC):
         """The method's own search dimensions; none by default."""
         return []
 
+    def hyperparameter(
+        self, name: str, hyperparameters: Mapping[str, Any], *, default: float | None = None
+    ) -> float:
+        """A trial's value of the method dimension ``name`` (see :func:`sampled_or_fixed`)."""
+        dimension = next((d for d in self.search_dimensions() if d.name == name), None)
+        if dimension is None:
+            raise KeyError(f"{self.name} has no dimension {name!r}")
+        return sampled_or_fixed(dimension, hyperparameters, default=default)
+
     def layer_dimensions(self, layers: Sequence[LayerInfo]) -> list[Dimension]:
         """The method's dimensions that belong to single searched ``layers`` (e.g. a CEPD κ
         per layer); none by default."""
@@ -126,19 +135,47 @@ class Trainer(abc.ABC):
         """Train one trial; see the class docstring for the contract."""
 
 
+def sampled_or_fixed(
+    dimension: Dimension,
+    hyperparameters: Mapping[str, Any],
+    *,
+    default: float | None = None,
+    keys: Sequence[str] = (),
+) -> float:
+    """A trial's value of a method dimension: the sampled value (under one of ``keys`` first,
+    e.g. a per-layer κ, then under the dimension's name), else the option's value when it is
+    fixed (low == high), else ``default`` clipped into the option's range.
+
+    Raises:
+        ValueError: the option is a range, nothing was sampled and there is no default.
+    """
+    for key in (*keys, dimension.name):
+        if key in hyperparameters:
+            return float(hyperparameters[key])
+    if dimension.fixed:
+        return float(dimension.low)
+    if default is not None:
+        return float(min(max(default, dimension.low), dimension.high))
+    raise ValueError(
+        f"hyper-parameter {dimension.name} is missing; the search samples it from "
+        f"[{dimension.low}, {dimension.high}] (or fix it with -o {dimension.name}=VALUE)"
+    )
+
+
 def measure(model: nn.Module, task: Task, device: torch.device) -> dict[str, float]:
-    """The metrics every epoch report carries: validation accuracy and loss, params, FLOPs
+    """The metrics every epoch report carries: the validation score (``val_accuracy`` by
+    default, ``val_<name>`` for a user's metric) and loss, params, FLOPs
     (MACs), and compression ratio / FLOPs reduction relative to the dense baseline."""
-    accuracy, loss = evaluate(model, task.data, task.data.val, device=device)
+    value, loss = evaluate(model, task.data, task.data.val, device=device, score=task.score)
     params = count_params(model)
     flops = count_flops(model, task.input_shape)
     return {
-        "val_accuracy": accuracy,
+        task.score.column: value,
         "val_loss": loss,
         "params": params,
-        "flops": flops,
+        "macs": flops,
         "compression_ratio": task.baseline_metrics["params"] / max(params, 1),
-        "flops_reduction": task.baseline_metrics["flops"] / max(flops, 1),
+        "macs_reduction": task.baseline_metrics["macs"] / max(flops, 1),
     }
 
 

@@ -37,7 +37,9 @@ def fine_tune(
     settings = settings or trial.train
     generator = generator or torch.Generator().manual_seed(trial.seed)
     metrics: dict[str, float] = {}
-    phase = TrainingPhase(model, task.data, settings, generator=generator, device=trial.device)
+    phase = TrainingPhase(
+        model, task.data, settings, generator=generator, device=trial.device, score=task.score
+    )
     for epoch, loss in phase:
         metrics = {
             **measure(model, task, trial.device),

@@ -38,7 +38,14 @@ from tdsearch.trainers._adaptive_layers import (
     pure_copy,
 )
 from tdsearch.trainers._adaptive_ranks import AdaptedLayer, initial_ranks, reselect
-from tdsearch.trainers._base import Reporter, Trainer, TrialResult, TrialSpec, measure
+from tdsearch.trainers._base import (
+    Reporter,
+    Trainer,
+    TrialResult,
+    TrialSpec,
+    measure,
+    sampled_or_fixed,
+)
 from tdsearch.training import TrainingPhase, steps_per_epoch
 
 #: The format each kind of layer takes, whatever --format says.
@@ -180,17 +187,9 @@ class AdaptiveTucker(Trainer):
 
     def schedule(self, hyperparameters: Mapping[str, Any]) -> AdaptiveSchedule:
         """The trial's θ, decay length and interval; an unsampled value must be fixed."""
-        values = {}
-        for dim in self.search_dimensions():
-            if dim.name in hyperparameters:
-                values[dim.name] = hyperparameters[dim.name]
-            elif dim.fixed:
-                values[dim.name] = dim.low
-            else:
-                raise ValueError(
-                    f"hyper-parameter {dim.name} is missing; the search samples it from "
-                    f"[{dim.low}, {dim.high}] (or fix it with -o {dim.name}=VALUE)"
-                )
+        values = {
+            dim.name: sampled_or_fixed(dim, hyperparameters) for dim in self.search_dimensions()
+        }
         return AdaptiveSchedule(
             float(values["energy_threshold"]),
             float(values["decay_fraction"]),
@@ -232,6 +231,7 @@ class AdaptiveTucker(Trainer):
             device=trial.device,
             params=[p for p in model.parameters() if p.requires_grad],
             after_step=advance_decay,
+            score=task.score,
         )
         metrics: dict[str, float] = {}
         for epoch, loss in phase:
@@ -324,9 +324,9 @@ class AdaptiveTucker(Trainer):
             flops = count_flops(compact, task.input_shape)
             metrics.update(
                 params=params,
-                flops=flops,
+                macs=flops,
                 compression_ratio=task.baseline_metrics["params"] / max(params, 1),
-                flops_reduction=task.baseline_metrics["flops"] / max(flops, 1),
+                macs_reduction=task.baseline_metrics["macs"] / max(flops, 1),
             )
         metrics.update(rank_metrics(model, names))
         metrics["lambda"] = decay

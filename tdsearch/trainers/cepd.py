@@ -27,7 +27,7 @@ from tdsearch.task import Task
 from tdsearch.tensor import LayerInfo, LayerRanks, RankTable, table_of
 from tdsearch.tensor.layers import class_for, keep_filters
 from tdsearch.trainers._admm import Admm, AdmmOptions, Block, admm_then_fine_tune, weight_block
-from tdsearch.trainers._base import Reporter, Trainer, TrialResult, TrialSpec
+from tdsearch.trainers._base import Reporter, Trainer, TrialResult, TrialSpec, sampled_or_fixed
 from tdsearch.trainers._cepd_split import LowRankPlusSparse, compact_model
 from tdsearch.training import TrainSettings
 
@@ -160,11 +160,12 @@ class Cepd(Trainer):
         return Dimension(name, "float", low, high, help="fraction of filters kept in S")
 
     def _kappa_fraction(self, layer: str, hyperparameters: Mapping[str, Any]) -> float:
-        for key in (f"kappa_fraction.{layer}", "kappa_fraction"):
-            if key in hyperparameters:
-                return float(hyperparameters[key])
-        low, high = self.options.kappa
-        return min(max(DEFAULT_KAPPA_FRACTION, low), high)
+        return sampled_or_fixed(
+            self._kappa_dimension("kappa_fraction"),
+            hyperparameters,
+            default=DEFAULT_KAPPA_FRACTION,
+            keys=(f"kappa_fraction.{layer}",),
+        )
 
 
 def kept_filters(table: RankTable) -> dict[str, float]:

@@ -27,7 +27,14 @@ from torch import nn
 from tdsearch.spaces import Dimension
 from tdsearch.task import Task
 from tdsearch.tensor import LayerRanks, RankTable, compress, feasible_ranks, table_of
-from tdsearch.trainers._base import Reporter, Trainer, TrialResult, TrialSpec, measure
+from tdsearch.trainers._base import (
+    Reporter,
+    Trainer,
+    TrialResult,
+    TrialSpec,
+    measure,
+    sampled_or_fixed,
+)
 from tdsearch.trainers._fine_tune import fine_tune
 from tdsearch.trainers._mars_masks import (
     MaskSet,
@@ -140,18 +147,8 @@ class Mars(Trainer):
 
     def hyperparameters(self, values: Mapping[str, object]) -> tuple[float, float, float]:
         """(π, α, start scale) of a trial: its sampled values, or the fixed options."""
-        out = []
-        for dim in self.search_dimensions():
-            if dim.name in values:
-                out.append(float(values[dim.name]))
-            elif dim.fixed:
-                out.append(float(dim.low))
-            else:
-                raise ValueError(
-                    f"MARS needs a value for {dim.name!r}: the trial has none and the option is "
-                    f"a range [{dim.low}, {dim.high}], not a fixed value"
-                )
-        return out[0], out[1], out[2]
+        pi, alpha, scale = (sampled_or_fixed(d, values) for d in self.search_dimensions())
+        return pi, alpha, scale
 
     def run(self, task: Task, trial: TrialSpec, report: Reporter) -> TrialResult:
         pi, alpha, scale = self.hyperparameters(trial.hyperparameters)
@@ -175,6 +172,7 @@ class Mars(Trainer):
             generator=data_order,
             device=trial.device,
             params=weights,
+            score=task.score,
         )
         logit_optimizer = torch.optim.Adam(masks.logits(), lr=options.mask_lr)
 

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tdsearch.analysis.pareto import hypervolume_2d, knee_index, pareto_mask
 from tdsearch.errors import UserError
 from tdsearch.search.early_stopping import ParetoHalving, dominates
-from tdsearch.search.pareto import hypervolume_2d, knee_index, pareto_mask
 from tdsearch.search.store import STATE_FILE, resolve_name
 
 COLUMNS = [("acc", "max"), ("params", "min")]

@@ -26,8 +26,8 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
+from tdsearch.analysis.pareto import pareto_mask
 from tdsearch.mlflow.tracking import Tracker
-from tdsearch.search.pareto import pareto_mask
 from tdsearch.utils import atomic_write
 
 HERE = Path(__file__).parent
@@ -103,7 +103,7 @@ def assert_front_matches_logged_metrics(client, parent, children, tmp_path):
         for c in finished(children)
     ]
     frame = pd.DataFrame(rows)
-    mask = pareto_mask(frame, [("val_accuracy", "max"), ("params", "min"), ("flops", "min")])
+    mask = pareto_mask(frame, [("val_accuracy", "max"), ("params", "min"), ("macs", "min")])
     assert set(frame.loc[mask, "trial"]) == front
 
 
@@ -240,7 +240,7 @@ def test_twenty_trials_two_at_a_time_lose_nothing_on_sqlite(workdir):
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")]
         assert steps == [1, 2]
-        assert {"params", "flops", "loss", "test_accuracy"} <= set(child.data.metrics)
+        assert {"params", "macs", "loss", "test_accuracy"} <= set(child.data.metrics)
 
 
 def _connect(path: str, queue) -> None:

@@ -88,7 +88,7 @@ def test_one_parent_and_one_nested_run_per_trial(search):
         assert child.info.status == "FINISHED"
         history = client.get_metric_history(child.info.run_id, "val_accuracy")
         assert [m.step for m in history] == list(range(1, len(history) + 1))  # per epoch
-        for key in ("params", "flops", "compression_ratio", "flops_reduction", "loss"):
+        for key in ("params", "macs", "compression_ratio", "macs_reduction", "loss"):
             assert key in child.data.metrics
         assert any(k.startswith("rank.") for k in child.data.params)
         assert child.data.tags["pareto"] in ("true", "false")
@@ -108,7 +108,7 @@ def test_pareto_artifacts_exist_and_the_front_is_non_dominated(search, tmp_path)
         "pareto.md",
         "trials.csv",
         "pareto_params.png",
-        "pareto_flops.png",
+        "pareto_macs.png",
         "pareto.html",
         "summary.json",
         "knee_rank_table.yaml",
@@ -118,12 +118,12 @@ def test_pareto_artifacts_exist_and_the_front_is_non_dominated(search, tmp_path)
     front = pd.read_csv(local / "pareto.csv")
     trials = pd.read_csv(local / "trials.csv")
     trials = trials[trials["status"] == "FINISHED"]
-    objectives = trials[["val_accuracy", "params", "flops"]].to_numpy() * [-1, 1, 1]
+    objectives = trials[["val_accuracy", "params", "macs"]].to_numpy() * [-1, 1, 1]
 
     def dominated(point) -> bool:
         return bool(((objectives <= point).all(1) & (objectives < point).any(1)).any())
 
-    front_points = front[["val_accuracy", "params", "flops"]].to_numpy() * [-1, 1, 1]
+    front_points = front[["val_accuracy", "params", "macs"]].to_numpy() * [-1, 1, 1]
     assert len(front) >= 1
     assert not any(dominated(p) for p in front_points)
     on_front = set(front["trial"])

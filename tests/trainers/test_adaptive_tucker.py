@@ -271,9 +271,9 @@ def test_trainer_contract(trained):
             "val_accuracy",
             "val_loss",
             "params",
-            "flops",
+            "macs",
             "compression_ratio",
-            "flops_reduction",
+            "macs_reduction",
             "loss",
             "epoch",
             "selected_rank_sum",
@@ -307,7 +307,7 @@ def test_after_the_decay_the_model_is_pure_and_counted_as_such(trained, fmnist_t
     assert (
         count_flops(model, fmnist_task.input_shape)
         == count_flops(compact, fmnist_task.input_shape)
-        == result.metrics["flops"]
+        == result.metrics["macs"]
     )
     # while the frozen branch was there, params / FLOPs described the compact model too
     first = reporter.reports[0]
@@ -315,7 +315,7 @@ def test_after_the_decay_the_model_is_pure_and_counted_as_such(trained, fmnist_t
         fmnist_task.dense_model(), _table_of_report(first, list(table)), init=False
     )
     assert first["params"] == count_params(at_epoch_one)
-    assert first["flops"] == count_flops(at_epoch_one, fmnist_task.input_shape)
+    assert first["macs"] == count_flops(at_epoch_one, fmnist_task.input_shape)
 
 
 def test_ranks_shrink_and_end_different_across_layers_and_modes(trained):

@@ -225,8 +225,8 @@ def test_trainer_contract(fmnist_task, reporter, tmp_path, conv_format):
     trainer = Mars(MarsOptions(warmup_epochs=1, fine_tune_epochs=1, mask_lr=0.05))
     trial = _trial(table, 1, alpha=1.0, start_scale=0.5)
     data = fmnist_task.data
-    small = dataclasses.replace(  # the contract does not need all 6,000 images
-        fmnist_task, data=dataclasses.replace(data.limit_train(1500), val=data.val.head(1000))
+    small = fmnist_task.with_data(  # the contract does not need all 6,000 images
+        dataclasses.replace(data.limit_train(1500), val=data.val.head(1000))
     )
     result = trainer.run(small, trial, reporter)
 
@@ -234,7 +234,7 @@ def test_trainer_contract(fmnist_task, reporter, tmp_path, conv_format):
     assert [r["epoch"] for r in reporter.reports] == [1, 2, 3]
     assert reporter.finals == [False, False, True]
     for metrics, model in zip(reporter.reports, reporter.models, strict=True):
-        assert {"val_accuracy", "params", "flops", "compression_ratio", "loss"} <= set(metrics)
+        assert {"val_accuracy", "params", "macs", "compression_ratio", "loss"} <= set(metrics)
         assert not any(isinstance(m, MaskedLayer) for m in model.modules())
         assert metrics["params"] == count_params(model)
         layers = table_of(model)

@@ -1,4 +1,4 @@
-"""Pareto fronts, 2-D hypervolume and the knee of a front.
+"""Pareto fronts, 2-D hypervolume and the knee of a front: pure functions of a table of trials.
 
 Written by hand: the non-dominated filter and a 2-D hypervolume are a dozen lines each, and the
 library versions (Optuna's) are private API that changes between releases.
@@ -12,17 +12,22 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-#: objective name -> (result column, direction)
-OBJECTIVE_COLUMNS: dict[str, tuple[str, str]] = {
-    "accuracy": ("val_accuracy", "max"),
-    "params": ("params", "min"),
-    "flops": ("flops", "min"),
-    "latency": ("latency_ms", "min"),
-}
+from tdsearch.scoring import ACCURACY, Score
+
+#: cost objective name -> its result column (all minimised)
+COST_COLUMNS: dict[str, str] = {"params": "params", "macs": "macs", "latency": "latency_ms"}
 
 
-def objective_columns(objectives: Sequence[str]) -> list[tuple[str, str]]:
-    return [OBJECTIVE_COLUMNS[o] for o in objectives]
+def objective_columns(objectives: Sequence[str], score: Score = ACCURACY) -> list[tuple[str, str]]:
+    """(result column, "max" | "min") of each objective; ``accuracy`` stands for the search's
+    score (``val_accuracy`` max by default, ``val_<name>`` in its direction otherwise)."""
+    columns = []
+    for objective in objectives:
+        if objective in ("accuracy", "score"):
+            columns.append((score.column, score.direction))
+        else:
+            columns.append((COST_COLUMNS["macs" if objective == "flops" else objective], "min"))
+    return columns
 
 
 def pareto_mask(frame: pd.DataFrame, columns: Sequence[tuple[str, str]]) -> np.ndarray:
@@ -49,8 +54,9 @@ def pareto_mask(frame: pd.DataFrame, columns: Sequence[tuple[str, str]]) -> np.n
 def hypervolume_2d(
     accuracy: Sequence[float], cost: Sequence[float], reference: tuple[float, float]
 ) -> float:
-    """Area dominated by the points (accuracy ↑, cost ↓) and bounded by ``reference``
-    (accuracy_min, cost_max). Points outside the reference box or non-finite add nothing."""
+    """Area dominated by the points (quality ↑, cost ↓) and bounded by ``reference``
+    (quality_min, cost_max). Points outside the reference box or non-finite add nothing.
+    A score to minimise is passed negated (:meth:`Score.signed`)."""
     ref_acc, ref_cost = reference
     pts = sorted(
         (c, a)

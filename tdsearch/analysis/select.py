@@ -1,0 +1,74 @@
+"""Choosing one trial of a search: constraints on score, params and MACs, then a rule."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from tdsearch.analysis.summary import knee_row, usable_trials
+from tdsearch.errors import UserError
+from tdsearch.scoring import ACCURACY, Score
+from tdsearch.utils import human_count
+
+SELECTIONS = ("knee", "best-score", "min-params", "min-macs")
+#: earlier names of the selections, still accepted
+SELECTION_ALIASES = {"max-accuracy": "best-score", "min-flops": "min-macs"}
+
+
+def select_trial(
+    frame: pd.DataFrame,
+    *,
+    select: str | None = None,
+    min_score: float | None = None,
+    max_score: float | None = None,
+    max_params: float | None = None,
+    max_macs: float | None = None,
+    score: Score = ACCURACY,
+) -> pd.Series:
+    """The trial to export.
+
+    Constraints filter the finished trials on the validation score (the one searches select
+    on; ``min_score`` / ``max_score`` in the score's units, e.g. accuracy in [0, 1]), params and
+    MACs. Among the rest: ``select`` if given; otherwise the best-scoring trial under a params /
+    MACs limit, the smallest trial that meets only a score limit, and the knee of the
+    score-vs-params front when there is no constraint.
+
+    Raises:
+        UserError: an unknown selection, no finished trial, or none that meets the constraints.
+    """
+    select = SELECTION_ALIASES.get(select, select) if select is not None else None
+    if select is not None and select not in SELECTIONS:
+        raise UserError(f"unknown selection {select!r}; choose one of {', '.join(SELECTIONS)}")
+    trials = usable_trials(frame, score)
+    if trials.empty:
+        raise UserError("the search has no finished trial to export or select")
+    column = score.column
+    candidates = trials
+    if min_score is not None:
+        candidates = candidates[candidates[column] >= min_score]
+    if max_score is not None:
+        candidates = candidates[candidates[column] <= max_score]
+    if max_params is not None:
+        candidates = candidates[candidates["params"] <= max_params]
+    if max_macs is not None:
+        candidates = candidates[candidates["macs"] <= max_macs]
+    if candidates.empty:
+        best = trials[column].max() if score.maximize else trials[column].min()
+        raise UserError(
+            f"no finished trial meets the constraints (best {score.name} {best:.4f}, fewest "
+            f"params {human_count(trials['params'].min())}, fewest MACs "
+            f"{human_count(trials['macs'].min())})"
+        )
+    if select is None:
+        if max_params is not None or max_macs is not None:
+            select = "best-score"
+        elif min_score is not None or max_score is not None:
+            select = "min-params"
+        else:
+            select = "knee"
+    worse_last = not score.maximize  # sort order that puts the best score first
+    if select == "best-score":
+        return candidates.sort_values([column, "params"], ascending=[worse_last, True]).iloc[0]
+    if select in ("min-params", "min-macs"):
+        cost = select.removeprefix("min-")
+        return candidates.sort_values([cost, column], ascending=[True, worse_last]).iloc[0]
+    return knee_row(candidates, score)
