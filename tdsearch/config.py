@@ -143,16 +143,16 @@ class SpaceSettings:
     tt_matrix_cores: int = 3
 
     def __post_init__(self) -> None:
-        from tdsearch.spaces import CONV_FORMATS, LINEAR_FORMATS, RANK_MODES, TIE_MODES
+        from tdsearch.spaces import check_space_settings
 
-        _choice("format", self.format, CONV_FORMATS)
-        if self.linear_format is not None:
-            _choice("linear_format", self.linear_format, LINEAR_FORMATS)
-        _choice("rank_mode", self.rank_mode, RANK_MODES)
-        _choice("tie", self.tie, TIE_MODES)
-        _at_least(self, ("tt_matrix_cores",), 1)
-        if not 0 < self.min_rank_fraction <= 1:
-            raise UserError(f"min_rank_fraction must be in (0, 1], got {self.min_rank_fraction}")
+        check_space_settings(
+            conv_format=self.format,
+            linear_format=self.linear_format,
+            rank_mode=self.rank_mode,
+            tie=self.tie,
+            min_fraction=self.min_rank_fraction,
+            tt_matrix_cores=self.tt_matrix_cores,
+        )
         for pattern, bounds in self.rank_bounds.items():
             if not (
                 isinstance(bounds, list | tuple)
@@ -410,8 +410,7 @@ class SearchConfig:
 
     @property
     def dataset_label(self) -> str:
-        dataset = self.task.dataset
-        return dataset if isinstance(dataset, str) else self.task.data_source.name
+        return self.task.data_source.name
 
     def resolved_cpus_per_trial(self) -> float:
         return self.execution.resolved_cpus_per_trial

@@ -93,7 +93,7 @@ class TaskSpec:
 
     @property
     def data_label(self) -> str:
-        return self.dataset if isinstance(self.dataset, str) else self.data_source.name
+        return self.data_source.name
 
     @property
     def baseline_settings(self) -> TrainSettings:

@@ -185,6 +185,8 @@ def resolve_data(
 
     if isinstance(data, DataSource):
         return data
+    if data_dir is not None:  # absolute: Ray workers run in other directories
+        data_dir = Path(data_dir).expanduser().resolve()
     if isinstance(data, str):
         if data in DATASETS:
             return BuiltinData(data, None if data_dir is None else str(data_dir))

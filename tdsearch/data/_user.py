@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from tdsearch.errors import UserError
 
@@ -56,6 +56,8 @@ class Data:
             _check_split("test", self.test)
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise UserError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if self.num_classes is None:
+            object.__setattr__(self, "num_classes", _known_classes(self.train))
 
     @property
     def augment(self) -> bool:
@@ -135,6 +137,28 @@ def _check_split(name: str, split: Any) -> None:
         )
     if len(split) == 0:
         raise UserError(f"data {name} split is empty")
+
+
+def _known_classes(dataset: Any) -> int | None:
+    """The number of classes when the dataset says it cheaply (``num_classes``, ``classes``,
+    integer ``targets``, or a ``TensorDataset``'s integer label tensor); else None. Never
+    reads the samples: a large dataset would take as long as an epoch."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    count = getattr(dataset, "num_classes", None)
+    if isinstance(count, int):
+        return count
+    classes = getattr(dataset, "classes", None)
+    if isinstance(classes, list | tuple) and classes:
+        return len(classes)
+    labels = getattr(dataset, "targets", None)
+    if labels is None and isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        labels = dataset.tensors[1]
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        if labels.ndim == 1 and not labels.is_floating_point() and labels.numel():
+            return int(labels.max()) + 1
+    return None
 
 
 def first_input(sample: Any) -> Any:

@@ -45,8 +45,9 @@ def build_model(spec: str, input_shape: InputShape, num_classes: int | None) -> 
     if spec in BUILTIN_MODELS:
         if num_classes is None or len(input_shape) != 3:
             raise UserError(
-                f"model {spec} is an image classifier: it needs (C, H, W) inputs and "
-                f"num_classes, got inputs {tuple(input_shape)} and num_classes {num_classes}"
+                f"model {spec} is an image classifier: it needs (C, H, W) inputs and the number "
+                f"of classes (set Data(num_classes=...)), got inputs {tuple(input_shape)} and "
+                f"num_classes {num_classes}"
             )
         return BUILTIN_MODELS[spec](input_shape, num_classes)
     if not is_user_model(spec):

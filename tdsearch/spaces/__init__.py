@@ -41,6 +41,36 @@ def layer_format(kind: str, conv_format: str, linear_format: str | None = None) 
     return linear_format or LINEAR_FORMAT[conv_format]
 
 
+def check_space_settings(
+    *,
+    conv_format: str,
+    linear_format: str | None,
+    rank_mode: str,
+    tie: str,
+    min_fraction: float,
+    tt_matrix_cores: int,
+) -> None:
+    """The one check of a space's settings (``SpaceSettings`` calls it when it is built).
+
+    Raises:
+        UserError: an unknown format, rank mode or tie, or a value out of range.
+    """
+    if conv_format not in CONV_FORMATS:
+        raise UserError(f"unknown format {conv_format!r}; choose one of {', '.join(CONV_FORMATS)}")
+    if linear_format is not None and linear_format not in LINEAR_FORMATS:
+        raise UserError(
+            f"unknown linear format {linear_format!r}; choose one of {', '.join(LINEAR_FORMATS)}"
+        )
+    if rank_mode not in RANK_MODES:
+        raise UserError(f"unknown rank_mode {rank_mode!r}; choose one of {', '.join(RANK_MODES)}")
+    if tie not in TIE_MODES:
+        raise UserError(f"unknown tie {tie!r}; choose one of {', '.join(TIE_MODES)}")
+    if not 0 < min_fraction <= 1:
+        raise UserError(f"min_rank_fraction must be in (0, 1], got {min_fraction}")
+    if tt_matrix_cores < 1:
+        raise UserError(f"tt_matrix_cores must be at least 1, got {tt_matrix_cores}")
+
+
 def build_space(
     infos: Sequence[LayerInfo],
     *,
@@ -76,20 +106,6 @@ def build_space(
         rank_bounds: layer name or glob -> (low, high) rank bounds; checked against what
             each layer can hold, so an impossible rank fails here, before any trial.
     """
-    if conv_format not in CONV_FORMATS:
-        raise UserError(f"unknown format {conv_format!r}; choose one of {', '.join(CONV_FORMATS)}")
-    if linear_format is not None and linear_format not in LINEAR_FORMATS:
-        raise UserError(
-            f"unknown linear format {linear_format!r}; choose one of {', '.join(LINEAR_FORMATS)}"
-        )
-    if rank_mode not in RANK_MODES:
-        raise UserError(f"rank mode must be one of {', '.join(RANK_MODES)}, got {rank_mode!r}")
-    if tie not in TIE_MODES:
-        raise UserError(f"tie must be one of {', '.join(TIE_MODES)}, got {tie!r}")
-    if not 0 < min_fraction <= 1:
-        raise UserError(f"min rank fraction must be in (0, 1], got {min_fraction}")
-    if tt_matrix_cores < 1:
-        raise UserError(f"tt-matrix cores must be >= 1, got {tt_matrix_cores}")
     chosen = select_layers(infos, include, exclude)
     bounds = _resolve_bounds(chosen, rank_bounds or {})
 
@@ -171,6 +187,7 @@ __all__ = [
     "LayerSlot",
     "SearchSpace",
     "build_space",
+    "check_space_settings",
     "default_layers",
     "layer_format",
     "select_layers",
