@@ -90,7 +90,7 @@ def main() -> None:
         metric=mse,
         direction="min",
         loss=mse_loss,
-        layers=["*"],  # the MLP's every linear layer (the default leaves the first and last)
+        layers=["*"],  # every linear layer (by default the last one, the output layer, is kept)
         batch_size=32,
         epochs=3,
         lr=3e-4,

@@ -9,6 +9,7 @@ trials back from MLflow, the record users browse with ``mlflow ui``.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,6 +104,21 @@ def create_search(
         choice = search.select("knee")
         compact = choice.model
     """
+    given = {
+        "method": method != "decompose",
+        "metric": metric != "accuracy",
+        "direction": direction is not None,
+        "loss": loss is not None,
+        "output": output is not None,
+        "weights": weights is not None,
+        "data_dir": data_dir is not None,
+        "num_workers": num_workers != 0,
+        "seed": seed != 0,
+    }
+    explicit = {"model", "dataset", *settings, *(k for k, v in given.items() if v)}
+    for group in (space, training, execution):
+        if group is not None:
+            explicit |= {f.name for f in dataclasses.fields(group)}
     config = SearchConfig(
         space=space,
         training=training,
@@ -124,27 +140,50 @@ def create_search(
         seed=seed,
         **settings,
     )
-    return Search(config, log=log)
+    return Search(config, log=log, explicit=explicit)
 
 
 def load_search(
-    name: str, *, storage: str | Path = "tdsearch-runs", log: Callable[[str], None] | None = print
+    name: str,
+    *,
+    storage: str | Path = "tdsearch-runs",
+    log: Callable[[str], None] | None = print,
+    **objects: Any,
 ) -> Search:
-    """The stored search ``name`` (started from the CLI or from Python) to read back or
-    resume. A search whose model or data were Python objects needs them again to resume:
-    use :func:`create_search` with the same ``name`` instead.
+    """The stored search ``name`` (started from the CLI or from Python), to read back
+    (:attr:`Search.front`, :meth:`Search.select`) or resume (:meth:`Search.optimize`).
+
+    A search started from Python objects (a model, a data factory, a metric) recorded only
+    their names: pass the objects again (``load_search("s1", model=net, dataset=splits)``)
+    to resume it or to build ``choice.model``; its trials, front and selection read back
+    without them.
 
     Raises:
-        UserError: no search of that name in ``storage``.
+        UserError: no search of that name in ``storage``, or an object it does not take.
     """
-    from tdsearch.search.store import SearchState
+    from tdsearch.search.store import STATE_FILE, SearchState, existing_searches
 
-    directory = Path(storage).expanduser().resolve() / name
-    state = SearchState.load(directory)
+    root = Path(storage).expanduser().resolve()
+    if not (root / name / STATE_FILE).is_file():
+        known = ", ".join(existing_searches(root)) or "none"
+        raise UserError(f"no search named {name!r} in {root} (searches there: {known})")
+    state = SearchState.load(root / name)
+    unknown = sorted(set(objects) - set(state.python_objects))
+    if unknown:
+        raise UserError(
+            f"search {name} took no Python object for {', '.join(unknown)} (it recorded "
+            f"{', '.join(state.python_objects) or 'none'}); its other settings are stored"
+        )
     recorded = {k: v for k, v in state.config.items() if k not in state.python_objects}
-    config = SearchConfig.from_mapping({**recorded, "storage": str(storage)})
+    if "metric" in state.python_objects and "metric" not in objects:
+        recorded["metric"] = "accuracy"  # ranked by the stored name and direction instead
+        recorded["direction"] = None
+    config = SearchConfig(**SearchConfig.from_mapping(recorded).groups(), **objects)
+    config = config.replace(storage=str(storage))
     search = Search(config, log=log)
     search._name = name
+    search._state = state
+    search._missing = set(state.python_objects) - set(objects)
     return search
 
 
@@ -197,11 +236,20 @@ class Search:
     """A named rank search: run it with :meth:`optimize`, read it with :attr:`trials`,
     :attr:`front` and :meth:`select`. Built by :func:`create_search`."""
 
-    def __init__(self, config: SearchConfig, *, log: Callable[[str], None] | None = print):
+    def __init__(
+        self,
+        config: SearchConfig,
+        *,
+        log: Callable[[str], None] | None = print,
+        explicit: set[str] | None = None,
+    ):
         self.config = config
         self._log = log or (lambda _: None)
         self._name: str | None = config.tracking.name
         self._outcome = None
+        self._explicit = set(explicit or ())  # the settings the caller chose
+        self._state = None  # the stored SearchState, once known
+        self._missing: set[str] = set()  # Python objects a loaded search was not given
 
     @property
     def name(self) -> str | None:
@@ -210,6 +258,10 @@ class Search:
 
     @property
     def score(self) -> Score:
+        """The score the trials are ranked by (for a search loaded without its metric
+        function: the recorded name and direction)."""
+        if "metric" in self._missing:
+            return Score(str(self._state.config["metric"]), self._state.config["direction"])
         return self.config.task.score
 
     def optimize(self, budget: int | None = None, concurrency: int | None = None, **settings):
@@ -234,11 +286,64 @@ class Search:
             self._name is not None and (config.storage_path / self._name / STATE_FILE).is_file()
         )
         if exists:
+            if self._missing:
+                raise UserError(
+                    f"search {self._name} was started with Python objects for "
+                    f"{', '.join(sorted(self._missing))}; pass them to load_search to resume it"
+                )
+            self._check_same_search(config, set(overrides))
             config = config.replace(name=self._name, resume=True)
         outcome = run_search(config, log=self._log)
         self._name, self._outcome = outcome.name, outcome
         self.config = config.replace(name=outcome.name, resume=False)
         return self
+
+    #: settings that may differ between runs of one search (where and how it runs)
+    RUN_SETTINGS = frozenset(
+        {
+            "budget",
+            "concurrency",
+            "cpus_per_trial",
+            "gpus_per_trial",
+            "address",
+            "fresh_workers",
+            "max_failures",
+            "name",
+            "storage",
+            "tracking_uri",
+            "experiment",
+            "resume",
+            "cache_dir",
+        }
+    )
+
+    def _check_same_search(self, config: SearchConfig, requested: set[str]) -> None:
+        """Refuse to resume a stored search with other settings or another model: its trials
+        would be mixed with a different search's baseline (what the CLI's ``--name`` refuses
+        too); say when a finished search keeps its budget."""
+        from tdsearch.search.store import SearchState
+
+        state = SearchState.load(config.storage_path / self._name)
+        current = config.to_dict()
+        where = f"a search named {self._name!r} already exists in {config.storage_path}"
+        for key in sorted(self._explicit - self.RUN_SETTINGS):
+            stored = state.config.get(key)
+            if stored is not None and current.get(key) != stored:
+                raise UserError(
+                    f"{where} with {key} {stored!r}, not {current.get(key)!r}; choose another "
+                    f"name, or pass the same {key} to resume it"
+                )
+        fingerprint = config.task.model_source.fingerprint()
+        if state.model_fingerprint and fingerprint != state.model_fingerprint:
+            raise UserError(
+                f"{where} with another model ({state.model_fingerprint}, not {fingerprint}); "
+                "choose another name"
+            )
+        if "budget" in requested and state.config.get("budget") != config.budget:
+            self._log(
+                f"search {self._name} keeps its budget of {state.config.get('budget')} trials "
+                f"(not {config.budget}); a longer search needs a new name"
+            )
 
     # --- reading back -------------------------------------------------------------------------
 
@@ -292,11 +397,12 @@ class Search:
 
     def _tracker(self):
         from tdsearch.mlflow.tracking import Tracker
-        from tdsearch.search.store import SearchState
+        from tdsearch.search.store import STATE_FILE, SearchState
 
-        if self._name is None:
+        directory = None if self._name is None else self.config.storage_path / self._name
+        if directory is None or not (directory / STATE_FILE).is_file():
             raise UserError("the search has not run yet: call optimize() first")
-        state = SearchState.load(self.config.storage_path / self._name)
+        state = SearchState.load(directory)
         tracker = Tracker(state.tracking_uri, self.config.experiment)
         tracker.connect()
         return tracker
@@ -317,8 +423,17 @@ class Search:
         return tuple(data.input_shape), data.num_classes
 
     def _dense_architecture(self) -> nn.Module:
+        for key in ("model", "dataset"):
+            if key in self._missing:
+                raise UserError(
+                    f"search {self._name} was started with a Python object as its {key}; pass "
+                    f"it again to rebuild the model: load_search({self._name!r}, {key}=...)"
+                )
         shape, classes = self._task_shape()
         return self.config.task_spec().model_source.build(shape, classes)
 
     def __repr__(self) -> str:
-        return f"Search(name={self._name!r}, model={self.config.model_label!r})"
+        label = self.config.model_label
+        if "model" in self._missing:
+            label = str(self._state.config.get("model"))
+        return f"Search(name={self._name!r}, model={label!r})"

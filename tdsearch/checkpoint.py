@@ -56,7 +56,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as err:
         raise UserError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a tdsearch checkpoint (format {CHECKPOINT_FORMAT})")
+        raise UserError(
+            f"{path} is not a tdsearch checkpoint (write one with `tdsearch export "
+            "--checkpoint`, Choice.save or save_compressed; a plain state_dict loads with "
+            "load_state_dict)"
+        )
     return payload
 
 

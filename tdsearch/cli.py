@@ -24,7 +24,12 @@ SUBCOMMANDS = ("search", "layers", "baseline", "space", "export", "ui", "compare
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and exit code 2 (no usage dump)."""
+    """argparse, but a usage error is one line and exit code 2 (no usage dump), and a flag
+    must be spelled out (``--epoch`` is an error, not a silent ``--epochs``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UserError(f"{message} (see `{self.prog} --help`)")

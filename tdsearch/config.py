@@ -271,6 +271,8 @@ class TrackingSettings:
     def __post_init__(self) -> None:
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
             raise UserError(f"name {self.name!r} may hold only letters, digits, '.', '_' and '-'")
+        if self.storage_path.exists() and not self.storage_path.is_dir():
+            raise UserError(f"storage {self.storage} is a file; it must be a directory")
 
     @property
     def storage_path(self) -> Path:
@@ -328,12 +330,10 @@ class SearchConfig:
             if key not in KEY_GROUP:
                 unknown.append(key)
             else:
+                _check_type(key, value, _FIELDS[key])
                 per_group[KEY_GROUP[key]][key] = value
         if unknown:
-            raise UserError(
-                f"unknown setting(s) {', '.join(sorted(unknown))}; valid settings: "
-                f"{', '.join(KEY_GROUP)}"
-            )
+            raise UserError(_unknown_settings(unknown))
         for group, cls in GROUPS.items():
             base = given[group]
             values = per_group[group]
@@ -354,9 +354,13 @@ class SearchConfig:
     def __setattr__(self, key: str, value: Any) -> None:
         raise AttributeError("SearchConfig is immutable; use SearchConfig.replace(...)")
 
+    def groups(self) -> dict[str, Any]:
+        """The five settings objects, by group name."""
+        return {g: getattr(self, g) for g in GROUPS}
+
     def replace(self, **flat: Any) -> SearchConfig:
         """A copy with some flat keys changed (validated again)."""
-        return SearchConfig(**{g: getattr(self, g) for g in GROUPS}, **flat)
+        return SearchConfig(**self.groups(), **flat)
 
     # --- construction -------------------------------------------------------------------------
 
@@ -379,9 +383,7 @@ class SearchConfig:
         normalised = {str(k).replace("-", "_"): v for k, v in values.items()}
         unknown = sorted(set(normalised) - set(_FIELDS))
         if unknown:
-            raise UserError(
-                f"unknown setting(s) {', '.join(unknown)}; valid settings: {', '.join(_FIELDS)}"
-            )
+            raise UserError(_unknown_settings(unknown))
         return cls(**{k: _convert(k, v, _FIELDS[k]) for k, v in normalised.items()})
 
     def to_dict(self) -> dict[str, Any]:
@@ -423,6 +425,41 @@ class SearchConfig:
         """Every group validated itself when built; kept for callers of the flat config."""
 
 
+def _unknown_settings(keys: list[str]) -> str:
+    """One sentence: the unknown keys, the closest valid names, else all of them."""
+    import difflib
+
+    hints = [m for k in keys for m in difflib.get_close_matches(k, _FIELDS, n=1)]
+    if hints:
+        return f"unknown setting(s) {', '.join(sorted(keys))}; did you mean {', '.join(hints)}?"
+    return f"unknown setting(s) {', '.join(sorted(keys))}; valid settings: {', '.join(_FIELDS)}"
+
+
+_PLAIN_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+    "list": (list, tuple),
+    "dict": (dict,),
+}
+
+
+def _check_type(key: str, value: Any, f: dataclasses.Field) -> None:
+    """A value given from Python must already have its field's type (no coercion of "1")."""
+    kind = f.type if isinstance(f.type, str) else str(f.type)
+    if kind == "Any" or (value is None and "None" in kind):
+        return
+    base = kind.split("[")[0].split(" |")[0]
+    allowed = _PLAIN_TYPES.get(base)
+    if allowed is None:
+        return
+    if isinstance(value, bool) and base in ("int", "float"):
+        allowed = ()
+    if not isinstance(value, allowed):
+        raise UserError(f"setting {key}: expected {base}, got {value!r}")
+
+
 def _is_object(value: Any, plain: Any) -> bool:
     return value is not None and not isinstance(value, str | int | float | bool | list | dict)
 
@@ -441,11 +478,27 @@ def _plain(value: Any) -> Any:
     return getattr(value, "__name__", type(value).__name__)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML itself lets the
+    last one win silently, so a setting the user wrote would be ignored)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"setting {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         at = f" (line {where.line + 1})" if where is not None else ""

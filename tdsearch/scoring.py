@@ -131,6 +131,11 @@ class Score:
 
             metric = import_object(metric, "metric")
         if isinstance(loss, str):
+            if ":" not in loss:
+                raise UserError(
+                    f"loss must be a function loss(output, target) or package.module:function, "
+                    f"got {loss!r}"
+                )
             from tdsearch.data import import_object
 
             loss = import_object(loss, "loss")

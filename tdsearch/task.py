@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -199,8 +200,17 @@ def open_model(
         input_shape, num_classes = spec.data_source.shapes()
     model = spec.model_source.build(input_shape, num_classes)
     if spec.weights:
-        load_weights(model, spec.weights)
-    layers = decomposable_layers(model, input_shape)
+        note = load_weights(model, spec.weights)
+        if note:
+            print(f"tdsearch: {note}", file=sys.stderr)
+    try:
+        layers = decomposable_layers(model, input_shape)  # one forward pass of a zero input
+    except Exception as err:  # the user's model and data do not fit each other
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise UserError(
+            f"model {spec.model_label} cannot run on inputs of shape {tuple(input_shape)} "
+            f"from the data: {type(err).__name__}: {first}"[:400]
+        ) from None
     if not layers:
         raise UserError(f"model {spec.model_label} has no Conv2d or Linear layer to decompose")
     return model, layers, tuple(input_shape)

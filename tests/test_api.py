@@ -258,3 +258,101 @@ def test_a_regression_search_ranks_by_its_metric_in_its_direction(tmp_path):
     assert best.metrics["val_mse"] == trials["val_mse"].min()
     summary = search._parent().data.metrics
     assert summary["baseline_val_mse"] < 0.2 and summary["hypervolume_params"] >= 0
+
+
+# --- what a new user tried (and got wrong answers or tracebacks for) ---------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"epochs": "1"}, "setting epochs: expected int, got '1'"),
+        ({"layers": "conv2"}, "setting layers: expected list"),
+        ({"loss": "mse"}, "loss must be a function"),
+        ({"epoch": 1}, "did you mean epochs"),
+    ],
+)
+def test_python_values_are_checked_not_coerced(tmp_path, kwargs, message):
+    with pytest.raises(tdsearch.UserError, match=message):
+        tdsearch.create_search(model=TinyNet(), data=digit_splits, storage=tmp_path, **kwargs)
+
+
+def test_a_storage_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(tdsearch.UserError, match="is a file; it must be a directory"):
+        tdsearch.create_search(model=TinyNet(), data=digit_splits, storage=tmp_path / "file")
+
+
+def test_samples_that_are_not_pairs_fail_before_any_training(tmp_path):
+    search = tdsearch.create_search(
+        model=TinyNet(), data=[torch.zeros(4), torch.zeros(4)], storage=tmp_path / "runs"
+    )
+    with pytest.raises(tdsearch.UserError, match=r"a sample must be an \(input, target\) pair"):
+        search.optimize(budget=1)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_reading_a_search_before_it_ran_says_so(tmp_path):
+    search = tdsearch.create_search(model=TinyNet(), data=digit_splits, storage=tmp_path)
+    with pytest.raises(tdsearch.UserError, match="has not run yet: call optimize"):
+        search.front  # noqa: B018
+    with pytest.raises(tdsearch.UserError, match="no search named 'nope'"):
+        tdsearch.load_search("nope", storage=tmp_path)
+
+
+def test_a_name_in_use_is_not_resumed_with_another_model_or_settings(searched):
+    root = searched["root"]
+    common = {
+        "data": digit_splits,
+        "output": lambda out: out[0],
+        "name": "tiny",
+        "storage": root / "runs",
+        "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+        "layers": ["conv2", "fc"],
+        "epochs": 1,
+        "early_stopping": "none",
+        "log": None,
+    }
+    before = len(searched["search"].trials)
+    other = tdsearch.create_search(model=TinyNet(tuple_output=True), **common)
+    with pytest.raises(tdsearch.UserError, match=r"already exists .* with another model"):
+        other.optimize(budget=1)
+    same_model = tdsearch.create_search(model=searched["model"], format="svd", **common)
+    with pytest.raises(tdsearch.UserError, match=r"already exists .* with format 'tt', not 'svd'"):
+        same_model.optimize(budget=1)
+    assert len(searched["search"].trials) == before  # nothing was written to it
+
+
+def test_score_limits_point_the_scores_way(searched):
+    with pytest.raises(tdsearch.UserError, match="accuracy is maximised: give min_score"):
+        searched["search"].select(max_score=0.5)
+    with pytest.raises(tdsearch.UserError, match=r"accuracy is a fraction in \[0, 1\]"):
+        searched["search"].select(min_score=80)
+
+
+def test_a_loaded_search_reads_back_and_needs_its_objects_for_the_model(searched):
+    root = searched["root"]
+    loaded = tdsearch.load_search("tiny", storage=root / "runs", log=None)
+    assert "TinyNet" in repr(loaded)
+    choice = loaded.select("knee")
+    assert choice.trial == searched["search"].select("knee").trial
+    with pytest.raises(tdsearch.UserError, match=r"load_search\('tiny', model=...\)"):
+        choice.model  # noqa: B018
+    again = tdsearch.load_search(
+        "tiny",
+        storage=root / "runs",
+        log=None,
+        model=searched["model"],
+        dataset=digit_splits,
+        output=lambda out: out[0],
+    )
+    compact = again.select("knee").model
+    assert tdsearch.count_params(compact) == choice.metrics["params"]
+
+
+def test_compress_takes_a_table_as_a_dict_and_names_a_missing_layer():
+    model = TinyNet()
+    compact = tdsearch.compress(model, {"conv2": {"format": "tucker2", "ranks": [4, 4]}})
+    assert tdsearch.count_params(compact) < tdsearch.count_params(model)
+    with pytest.raises(tdsearch.UserError, match="layer 'conv9' is not in the model"):
+        tdsearch.compress(model, {"conv9": {"format": "svd", "ranks": [2]}})

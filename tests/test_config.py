@@ -50,6 +50,7 @@ def test_defaults_are_the_documented_task():
         ("data_dir: /no/such/dir\n", "does not exist"),
         ("weights: /no/such/file.pt\n", "does not exist"),
         ("rank_bounds: {conv2: 5}\n", "must be \\[low, high\\]"),
+        ("budget: 3\nepochs: 1\nbudget: 5\n", "setting 'budget' is given twice"),
     ],
 )
 def test_bad_config_files_are_one_sentence(tmp_path, text, message):

@@ -38,6 +38,7 @@ def select_trial(
     select = SELECTION_ALIASES.get(select, select) if select is not None else None
     if select is not None and select not in SELECTIONS:
         raise UserError(f"unknown selection {select!r}; choose one of {', '.join(SELECTIONS)}")
+    _check_limits(score, min_score, max_score)
     trials = usable_trials(frame, score)
     if trials.empty:
         raise UserError("the search has no finished trial to export or select")
@@ -72,3 +73,20 @@ def select_trial(
         cost = select.removeprefix("min-")
         return candidates.sort_values([cost, column], ascending=[True, worse_last]).iloc[0]
     return knee_row(candidates, score)
+
+
+def _check_limits(score: Score, min_score: float | None, max_score: float | None) -> None:
+    """A score limit must point the score's way: a floor for accuracy, a ceiling for an error
+    (the other one would keep only the worst trials, surely not what was meant)."""
+    if score.maximize and max_score is not None:
+        raise UserError(
+            f"{score.name} is maximised: give min_score (the lowest {score.name} you accept), "
+            "not max_score"
+        )
+    if not score.maximize and min_score is not None:
+        raise UserError(
+            f"{score.name} is minimised: give max_score (the highest {score.name} you accept), "
+            "not min_score"
+        )
+    if score.is_accuracy and min_score is not None and not 0 <= min_score <= 1:
+        raise UserError(f"accuracy is a fraction in [0, 1]; got min_score {min_score}")

@@ -78,7 +78,13 @@ class Data:
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one input (without the batch dimension), read from the first sample."""
-        x = first_input(self.train[0])
+        sample = self.train[0]
+        if not (isinstance(sample, tuple | list) and len(sample) >= 2):
+            raise UserError(
+                f"data {self.name}: a sample must be an (input, target) pair, got a "
+                f"{type(sample).__name__}"
+            )
+        x = first_input(sample)
         if not isinstance(x, torch.Tensor):
             raise UserError(
                 f"the first training sample's input is a {type(x).__name__}; tdsearch needs "

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +127,20 @@ class ModelSource:
         """A module object carries its trained weights: the dense baseline is that module."""
         return self.template is not None
 
+    def fingerprint(self) -> str:
+        """What identifies the model: its name, its factory's qualified name, or a hash of a
+        module object's weights (so that a search is not resumed with another model)."""
+        if self.spec is not None:
+            return self.spec
+        if self.factory is not None:
+            module = getattr(self.factory, "__module__", "")
+            return f"{module}.{getattr(self.factory, '__qualname__', self.label)}"
+        digest = hashlib.sha256(type(self.template).__qualname__.encode())
+        for key, tensor in self.template.state_dict().items():
+            digest.update(key.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return f"{self.label}@{digest.hexdigest()[:16]}"
+
     def build(self, input_shape: InputShape, num_classes: int | None) -> nn.Module:
         if self.spec is not None:
             return build_model(self.spec, input_shape, num_classes)
@@ -176,16 +192,48 @@ def _check_picklable(model: nn.Module) -> None:
         ) from None
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a user's trained weights into ``model``; a missing, corrupt or mismatched file is a
-    :class:`UserError` that names the first offending keys."""
+#: Prefixes that wrappers add to every key of a state_dict: ``nn.DataParallel`` /
+#: ``DistributedDataParallel`` (``module.``) and ``torch.compile`` (``_orig_mod.``).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def load_weights(model: nn.Module, path: str | Path) -> str | None:
+    """Load a user's trained weights into ``model``.
+
+    The file must hold a ``state_dict`` (or a dict with one under ``state_dict`` /
+    ``model_state_dict`` / ``model``); it is read with ``weights_only=True``, so no code in it
+    ever runs. A wrapper's prefix on every key (``module.`` of ``nn.DataParallel``,
+    ``_orig_mod.`` of ``torch.compile``) is stripped.
+
+    Returns:
+        a note on what was adapted (the stripped prefix), or None.
+
+    Raises:
+        UserError: a missing, corrupt or mismatched file, naming the first offending keys; a
+            whole pickled module (``torch.save(model)``), saying to save ``state_dict()``.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UserError(f"cannot read weights file {path}: {err}".splitlines()[0]) from err
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch colours its message
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            raise UserError(
+                f"weights file {path} holds pickled Python objects ({found.group(1)}), not a "
+                "state_dict of tensors, as torch.save(model) writes; save "
+                "torch.save(model.state_dict(), path) instead (tdsearch never runs code from a "
+                "weights file)"
+            ) from None
+        if "Weights only load failed" in text or "invalid load key" in text:
+            raise UserError(
+                f"weights file {path} is not a PyTorch state_dict file (torch.load cannot "
+                "read it); save one with torch.save(model.state_dict(), path)"
+            ) from None
+        first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+        raise UserError(f"cannot read weights file {path}: {first}") from None
     if isinstance(state, dict):
         for key in ("state_dict", "model_state_dict", "model"):
             if isinstance(state.get(key), dict):
@@ -194,6 +242,16 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"weights file {path} does not hold a state_dict of tensors")
     own = model.state_dict()
+    note = None
+    for prefix in WRAPPER_PREFIXES:
+        if (
+            state
+            and all(k.startswith(prefix) for k in state)
+            and not any(k.startswith(prefix) for k in own)
+        ):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+            note = f"stripped the prefix {prefix!r} from every key of {path.name}"
+            break
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
@@ -210,6 +268,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
             )
         raise UserError(f"weights file {path} does not match the model: {'; '.join(parts)}")
     model.load_state_dict(state)
+    return note
 
 
 __all__ = [

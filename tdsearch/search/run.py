@@ -160,6 +160,7 @@ def run_search(config: SearchConfig, log: Callable[[str], None] = print) -> Sear
                 tracker.experiment_id,
                 parent_id,
                 python_objects=config.python_objects(),
+                model_fingerprint=spec.model_source.fingerprint(),
             )
             state.save(directory)
         log(

@@ -33,6 +33,9 @@ class SearchState:
     #: settings given as Python objects (model, dataset, metric ...): not in ``config``, passed
     #: again by whoever resumes
     python_objects: list[str] = field(default_factory=list)
+    #: what identifies the model (:meth:`ModelSource.fingerprint`), to refuse resuming a
+    #: search with another one
+    model_fingerprint: str | None = None
 
     def save(self, directory: Path) -> None:
         atomic_write_text(directory / STATE_FILE, json.dumps(self.__dict__, indent=2) + "\n")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
+from tdsearch.errors import UserError
 from tdsearch.tensor.counting import count_flops_by_layer
 from tdsearch.tensor.decompose import balanced_factors
 from tdsearch.tensor.layers import FactorizedLayer, class_for, layer_kind
@@ -218,16 +219,28 @@ def check_table(model: nn.Module, table: RankTable) -> dict[str, LayerInfo]:
     return infos
 
 
-def compress(model: nn.Module, table: RankTable, *, init: bool = True) -> nn.Module:
+def compress(model: nn.Module, table: RankTable | Mapping, *, init: bool = True) -> nn.Module:
     """A copy of ``model`` with each layer of ``table`` replaced by its factorized form.
 
     Args:
         model: the (trained) model; it is not modified.
-        table: layer name -> format and ranks.
+        table: layer name -> format and ranks: a :class:`RankTable`, or its dict form
+            (``{"conv2": {"format": "tt", "ranks": [1, 8, 8, 1]}}``, with or without the
+            outer ``{"layers": ...}``).
         init: decompose the trained weights (True) or only build the shapes (False, e.g. before
             loading a checkpoint of an already compressed model).
+
+    Raises:
+        UserError: a table that names a layer the model lacks or ranks it cannot hold.
     """
-    check_table(model, table)
+    if isinstance(table, Mapping) and not isinstance(table, RankTable):
+        table = RankTable.from_dict(table if "layers" in table else {"layers": table})
+    if not isinstance(table, RankTable):
+        raise UserError(f"table: expected a RankTable or its dict, got {type(table).__name__}")
+    try:
+        check_table(model, table)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     out = copy.deepcopy(model)
     for name, spec in table.items():
         if spec.format == "dense":

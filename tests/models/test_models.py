@@ -91,3 +91,28 @@ def test_weights_load_and_bad_weights_are_user_errors(tmp_path):
     torch.save(build_model("lenet5", (1, 28, 28), 5).state_dict(), resized)
     with pytest.raises(UserError, match=r"fc2.weight has shape \(5, 500\)"):
         load_weights(other, resized)
+
+
+def test_a_whole_pickled_module_says_to_save_the_state_dict(tmp_path):
+    model = build_model("lenet5", (1, 28, 28), 10)
+    path = tmp_path / "whole.pt"
+    torch.save(model, path)  # the common habit: the module, not its state_dict
+    with pytest.raises(
+        UserError, match=r"holds pickled Python objects .*model.state_dict\(\)"
+    ) as e:
+        load_weights(model, path)
+    assert "\x1b" not in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod."])
+def test_a_wrapper_prefix_on_every_key_is_stripped_with_a_note(tmp_path, prefix):
+    trained = build_model("lenet5", (1, 28, 28), 10)
+    path = tmp_path / "wrapped.pt"
+    torch.save({prefix + k: v for k, v in trained.state_dict().items()}, path)
+    fresh = build_model("lenet5", (1, 28, 28), 10)
+    note = load_weights(fresh, path)
+    assert note is not None and prefix in note
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(fresh.state_dict().values(), trained.state_dict().values(), strict=True)
+    )
