@@ -229,8 +229,8 @@ def load_weights(model: nn.Module, path: str | Path) -> str | None:
             ) from None
         if "Weights only load failed" in text or "invalid load key" in text:
             raise UserError(
-                f"weights file {path} is not a PyTorch state_dict file (torch.load cannot "
-                "read it); save one with torch.save(model.state_dict(), path)"
+                f"cannot read weights file {path}: it is not a PyTorch state_dict file; save "
+                "one with torch.save(model.state_dict(), path)"
             ) from None
         first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
         raise UserError(f"cannot read weights file {path}: {first}") from None
