@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
+from tdsearch.analysis import TrialRecord
 from tdsearch.config import (
     ExecutionSettings,
     SearchConfig,
@@ -192,6 +193,7 @@ class Choice:
     """One trial of a search, picked by :meth:`Search.select`.
 
     Attributes:
+        record: the trial's :class:`~tdsearch.analysis.TrialRecord`.
         trial: the trial's number in the search.
         table: its :class:`RankTable` (what ``compress(model, table)`` applies).
         metrics: its final metrics: ``val_<score>``, ``test_<score>``, ``params``, ``macs``,
@@ -199,11 +201,24 @@ class Choice:
         run_id: its MLflow run.
     """
 
-    trial: int
-    table: RankTable
-    metrics: dict[str, float]
-    run_id: str
+    record: TrialRecord
     _search: Search = field(repr=False)
+
+    @property
+    def trial(self) -> int:
+        return self.record.trial
+
+    @property
+    def table(self) -> RankTable:
+        return self.record.table
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return dict(self.record.metrics)
+
+    @property
+    def run_id(self) -> str:
+        return self.record.run_id
 
     @cached_property
     def model(self) -> nn.Module:
@@ -389,9 +404,7 @@ class Search:
             max_params=max_params,
             max_macs=max_macs,
         )  # the same choice `tdsearch export` makes
-        row = selected.row
-        metrics = {k: v for k, v in row.items() if isinstance(v, int | float)}
-        return Choice(int(row["trial"]), selected.table, metrics, row["run_id"], self)
+        return Choice(selected.record, self)
 
     # --- internals ----------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ front, select, Choice.model; user metrics, losses and model outputs; bad input."
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -14,6 +15,7 @@ from torch.utils.data import TensorDataset
 import tdsearch
 from tdsearch.data import Data, resolve_data
 from tdsearch.scoring import Score, pick_logits
+from tdsearch.trainers import Decompose
 
 
 class TinyNet(nn.Module):
@@ -356,3 +358,28 @@ def test_compress_takes_a_table_as_a_dict_and_names_a_missing_layer():
     assert tdsearch.count_params(compact) < tdsearch.count_params(model)
     with pytest.raises(tdsearch.UserError, match="layer 'conv9' is not in the model"):
         tdsearch.compress(model, {"conv9": {"format": "svd", "ranks": [2]}})
+
+
+class ForgetsFinal(Decompose):
+    """A user's trainer that reports its epochs but never says ``final=True``."""
+
+    def run(self, task, trial, report):
+        return super().run(task, trial, lambda m, model, final=False: report(m, model))
+
+
+def test_a_trainer_instance_runs_and_its_result_closes_the_trial(tmp_path):
+    search = tdsearch.create_search(
+        model=trained(TinyNet(), epochs=2),
+        data=digit_splits,
+        method=ForgetsFinal(),
+        name="instance",
+        storage=tmp_path / "runs",
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        layers=["conv2"],
+        epochs=1,
+        log=None,
+    )
+    search.optimize(budget=1)
+    (record,) = search._tracker().trial_records(search._parent().info.run_id)
+    assert record.status == "FINISHED" and not math.isnan(record.value("test_accuracy"))
+    assert tdsearch.count_params(search.select().model) == record.value("params")

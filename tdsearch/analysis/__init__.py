@@ -4,6 +4,7 @@ neither."""
 
 from tdsearch.analysis.front import format_front, front_frame
 from tdsearch.analysis.pareto import hypervolume_2d, knee_index, objective_columns, pareto_mask
+from tdsearch.analysis.records import TrialRecord, records_frame
 from tdsearch.analysis.select import SELECTIONS, select_trial
 from tdsearch.analysis.summary import (
     SearchSummary,
@@ -17,6 +18,7 @@ from tdsearch.analysis.summary import (
 __all__ = [
     "SELECTIONS",
     "SearchSummary",
+    "TrialRecord",
     "best_compression_within",
     "format_front",
     "front_frame",
@@ -26,6 +28,7 @@ __all__ = [
     "knee_row",
     "objective_columns",
     "pareto_mask",
+    "records_frame",
     "select_trial",
     "summarize",
     "usable_trials",

@@ -3,15 +3,12 @@ compressed model). The search is read back from MLflow, the record users browse.
 
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
-from tdsearch.analysis import select_trial
+from tdsearch.analysis import TrialRecord, select_trial
 from tdsearch.errors import UserError
 from tdsearch.mlflow.tracking import TAG_SEARCH, Tracker
 from tdsearch.scoring import ACCURACY, Score
@@ -21,23 +18,26 @@ from tdsearch.utils import atomic_write, human_count
 
 @dataclass
 class Selected:
-    """The chosen trial: its row of final metrics and its rank table."""
+    """The chosen trial of a search: its record and the score it was chosen by."""
 
     search: str
-    row: pd.Series
-    table: RankTable
+    record: TrialRecord
     score: Score = ACCURACY
 
+    @property
+    def table(self) -> RankTable:
+        return self.record.table
+
     def describe(self) -> str:
-        r = self.row
-        test = r.get(self.score.test_column, math.nan)
-        test_text = f", test {test:.4f}" if isinstance(test, float) and test == test else ""
+        r = self.record
+        test = r.value(self.score.test_column)
+        test_text = f", test {test:.4f}" if test == test else ""
         return (
-            f"search {self.search}, trial {int(r['trial']):04d}: val {self.score.name} "
-            f"{r[self.score.column]:.4f}"
-            f"{test_text}, {human_count(r['params'])} params "
-            f"({r.get('compression_ratio', math.nan):.1f}x), {human_count(r['macs'])} MACs "
-            f"({r.get('macs_reduction', math.nan):.1f}x)"
+            f"search {self.search}, trial {r.trial:04d}: val {self.score.name} "
+            f"{r.value(self.score.column):.4f}"
+            f"{test_text}, {human_count(r.value('params'))} params "
+            f"({r.value('compression_ratio'):.1f}x), {human_count(r.value('macs'))} MACs "
+            f"({r.value('macs_reduction'):.1f}x)"
         )
 
 
@@ -77,10 +77,10 @@ def export_trial(
         max_macs=max_macs,
         score=score,
     )
-    if not row.get("rank_table"):
-        raise UserError(f"trial {int(row['trial'])} has no rank table recorded")
-    table = RankTable.from_json(row["rank_table"])
-    return Selected(parent.data.tags.get(TAG_SEARCH, parent.info.run_name), row, table, score)
+    record = TrialRecord.from_row(row)
+    if not len(record.table):
+        raise UserError(f"trial {record.trial} has no rank table recorded")
+    return Selected(parent.data.tags.get(TAG_SEARCH, parent.info.run_name), record, score)
 
 
 def download_checkpoint(tracker: Tracker, run_id: str, trial: int, directory: Path) -> Path:
@@ -101,6 +101,6 @@ def write_checkpoint(tracker: Tracker, selected: Selected, path: Path) -> Path:
     """Copy the trial's compressed-model checkpoint to ``path`` (atomically)."""
     with tempfile.TemporaryDirectory() as tmp:
         local = download_checkpoint(
-            tracker, selected.row["run_id"], int(selected.row["trial"]), Path(tmp)
+            tracker, selected.record.run_id, selected.record.trial, Path(tmp)
         )
         return atomic_write(path, lambda target: shutil.copyfile(local, target))

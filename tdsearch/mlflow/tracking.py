@@ -28,8 +28,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
+from tdsearch.analysis.records import TrialRecord, records_frame
 from tdsearch.errors import UserError
 from tdsearch.scoring import Score
+from tdsearch.tensor import RankTable
 
 TAG_SEARCH = "tdsearch.search"
 TAG_ROLE = "tdsearch.role"
@@ -251,34 +253,29 @@ class Tracker:
 
     # --- reading back -------------------------------------------------------------------------
 
-    def trials_frame(self, parent_id: str) -> pd.DataFrame:
-        """One row per child run: trial id / number, status, final metrics, rank table."""
-        rows = []
+    def trial_records(self, parent_id: str) -> list[TrialRecord]:
+        """One :class:`TrialRecord` per child run (a search recorded before MACs were called
+        MACs has its ``flops`` read as ``macs``), by trial number."""
+        records = []
         for run in self.children(parent_id):
             tags = run.data.tags
-            row: dict[str, Any] = {
-                "run_id": run.info.run_id,
-                "trial_id": tags.get(TAG_TRIAL_ID, ""),
-                "trial": int(tags.get(TAG_TRIAL_NUMBER, -1)),
-                "status": run.info.status,
-                "trial_status": tags.get(TAG_STATUS, ""),
-                "rank_table": tags.get(TAG_RANK_TABLE, ""),
-                "error": tags.get(TAG_ERROR, ""),
-            }
-            row.update(run.data.metrics)
-            rows.append(row)
-        frame = pd.DataFrame(rows)
-        if frame.empty:
-            return frame
-        # searches recorded before MACs were called MACs logged them as "flops"
-        frame = frame.rename(
-            columns={
-                old: new
-                for old, new in (("flops", "macs"), ("flops_reduction", "macs_reduction"))
-                if old in frame and new not in frame
-            }
-        )
-        return frame.sort_values("trial").reset_index(drop=True)
+            records.append(
+                TrialRecord(
+                    trial=int(tags.get(TAG_TRIAL_NUMBER, -1)),
+                    trial_id=tags.get(TAG_TRIAL_ID, ""),
+                    run_id=run.info.run_id,
+                    status=run.info.status,
+                    trial_status=tags.get(TAG_STATUS, ""),
+                    table=RankTable.from_json(tags.get(TAG_RANK_TABLE, "")),
+                    metrics=dict(run.data.metrics),
+                    error=tags.get(TAG_ERROR, ""),
+                )
+            )
+        return sorted(records, key=lambda r: r.trial)
+
+    def trials_frame(self, parent_id: str) -> pd.DataFrame:
+        """The trials table of :meth:`trial_records` (what the analysis reads)."""
+        return records_frame(self.trial_records(parent_id))
 
     def score_of(self, parent) -> Score:
         """The score a search ranked its trials by (its parent run's tag; accuracy before)."""
@@ -328,8 +325,6 @@ def rank_params(table_json: str) -> dict[str, Any]:
     """MLflow params of a rank table: one readable param per layer (``layer.conv2 = tt
     [1,8,8,1]``) and one numeric param per rank (``rank.conv2.1 = 8``) for parallel
     coordinates in the compare view."""
-    from tdsearch.tensor import RankTable
-
     if not table_json:
         return {}
     table = RankTable.from_json(table_json)

@@ -69,11 +69,13 @@ class TuneReporter:
         self.node = ray.get_runtime_context().get_node_id()
         self.started = time.perf_counter()
         self.reporting = 0.0
+        self.finished = False  # the trainer has made its final report
 
     def __call__(
         self, metrics: dict[str, float], model: nn.Module | None, *, final: bool = False
     ) -> None:
         entered = time.perf_counter()
+        self.finished = self.finished or final
         try:
             self._report(metrics, model, final, entered)
         finally:
@@ -162,7 +164,11 @@ def run_trial(config: dict, *, task: Task, space: SearchSpace, settings: TrialSe
         hyperparameters = space.hyperparameters(config)
         table = reporter.target = trainer.target_table(table, hyperparameters, task.layers)
         trial = TrialSpec(table, hyperparameters, settings.train, settings.seed, reporter.device)
-        trainer.run(task, trial, reporter)
+        result = trainer.run(task, trial, reporter)
+        if not reporter.finished and result is not None:
+            # a trainer (a user's, say) that never said final=True: its result is the trial's
+            # last report, so the trial still gets its test score and its checkpoint
+            reporter(result.metrics, result.model, final=True)
     except Exception as err:
         if type(err).__module__.startswith("ray."):
             raise  # Ray's own control flow (e.g. the trial being stopped) is not a failure
