@@ -63,15 +63,17 @@ class Trainer(abc.ABC):
     """A compression method: one trial = one call of :meth:`run`.
 
     Life cycle. The search builds one trainer per search from its ``Options`` (a dataclass of
-    the method's settings, filled from the config's ``options``), asks it once for
-    :meth:`search_dimensions` and :meth:`layer_dimensions` (the method's own hyper-parameters,
-    added to the rank dimensions) and for :meth:`conv_format`; then, in each trial's worker
-    process, a trainer is built again, :meth:`target_table` gives the trial's table, and
+    the method's settings, filled from the config's ``options``; or takes the instance the
+    user passed as ``method``), asks it once for :meth:`search_dimensions` and
+    :meth:`layer_dimensions` (the method's own hyper-parameters, added to the rank
+    dimensions) and for :meth:`conv_format`; the same trainer (pickled) then reaches every
+    Ray worker, where, for each trial, :meth:`target_table` gives the trial's table and
     :meth:`run` is called once with the task, the trial's :class:`TrialSpec` and a
-    :class:`Reporter`. ``run`` must call ``report(metrics, model)`` after every epoch, with
+    :class:`Reporter`. A trainer must therefore keep no state from one trial to the next. ``run`` must call ``report(metrics, model)`` after every epoch, with
     ``final=True`` after the last one, where ``metrics`` holds at least the keys of
     :func:`measure`; the search may stop the trial inside a ``report`` call (early stopping).
-    ``run`` returns a :class:`TrialResult` whose model is the compact one (no dense weights left).
+    ``run`` returns a :class:`TrialResult` whose model is the compact one (no dense weights left);
+    if no report said ``final=True``, the search reports that result as the trial's last one.
 
     Class attributes:
         name: the ``--method`` value.
