@@ -69,11 +69,12 @@ class Trainer(abc.ABC):
     dimensions) and for :meth:`conv_format`; the same trainer (pickled) then reaches every
     Ray worker, where, for each trial, :meth:`target_table` gives the trial's table and
     :meth:`run` is called once with the task, the trial's :class:`TrialSpec` and a
-    :class:`Reporter`. A trainer must therefore keep no state from one trial to the next. ``run`` must call ``report(metrics, model)`` after every epoch, with
-    ``final=True`` after the last one, where ``metrics`` holds at least the keys of
-    :func:`measure`; the search may stop the trial inside a ``report`` call (early stopping).
-    ``run`` returns a :class:`TrialResult` whose model is the compact one (no dense weights left);
-    if no report said ``final=True``, the search reports that result as the trial's last one.
+    :class:`Reporter`. A trainer must therefore keep no state from one trial to the next.
+    ``run`` must call ``report(metrics, model)`` after every epoch, with ``final=True`` after
+    the last one, where ``metrics`` holds at least the keys of :func:`measure`; the search may
+    stop the trial inside a ``report`` call (early stopping). ``run`` returns a
+    :class:`TrialResult` whose model is the compact one (no dense weights left); if no report
+    said ``final=True``, the search reports that result as the trial's last one.
 
     Class attributes:
         name: the ``--method`` value.
