@@ -57,8 +57,10 @@ class TuneReporter:
     trainer hands one over, so even a trial stopped early leaves a loadable model behind.
     Every report also carries the trial's wall time so far (``trial_seconds``), the part of it
     spent reporting and checkpointing (``report_seconds``), the worker process's peak memory
-    so far (``peak_rss_mb``; a worker runs trial after trial, so it is the peak over them) and
-    its memory now (``rss_mb``): what the overhead benchmark and a user sizing a cluster need.
+    so far (``peak_rss_mb``; a worker runs trial after trial, so it is the peak over them), its
+    memory now (``rss_mb``) and its memory when the trial started, after the previous trials'
+    memory was freed (``rss_start_mb``: what the worker holds between trials): what the
+    overhead benchmark and a user sizing a cluster need.
     """
 
     def __init__(self, task: Task, settings: TrialSettings, target: RankTable):
@@ -70,6 +72,7 @@ class TuneReporter:
         self.started = time.perf_counter()
         self.reporting = 0.0
         self.finished = False  # the trainer has made its final report
+        self.rss_start_mb = psutil.Process().memory_info().rss / 2**20
 
     def __call__(
         self, metrics: dict[str, float], model: nn.Module | None, *, final: bool = False
@@ -94,6 +97,7 @@ class TuneReporter:
             "report_seconds": self.reporting,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_mb": psutil.Process().memory_info().rss / 2**20,
+            "rss_start_mb": self.rss_start_mb,
         }
         if model is not None and "latency" in self.settings.objectives:
             result["latency_ms"] = measure_latency(
