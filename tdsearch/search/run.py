@@ -218,10 +218,11 @@ def run_search(config: SearchConfig, log: Callable[[str], None] = print) -> Sear
 
 
 #: Environment of the Ray workers. glibc gives a thread that allocates its own malloc arena (up
-#: to 8 per core), and Ray Tune runs each trial of a reused worker in a new thread, so freed
-#: memory piled up in arena after arena: a worker's RSS grew from 727 to 875 MB over 10 trials
-#: of LeNet-5 (varying ranks); with two arenas, 748 to 767 MB, at the same trial time
-#: (benchmarks/worker_memory.py). A value the user set is kept.
+#: to 8 per core), and Ray Tune runs each trial of a reused worker in a new thread, so memory
+#: freed by earlier trials piled up in arena after arena: what a worker held between trials
+#: grew from 637 to 750 MB from trial 2 to trial 10 of LeNet-5 (+17.8%); with two arenas,
+#: 605 to 624 MB (+3.1%), at no measurable cost in trial time (benchmarks/worker_memory.py,
+#: docs/BENCHMARKS.md). A value the user set is kept.
 WORKER_ENV = {"MALLOC_ARENA_MAX": "2"}
 
 
