@@ -338,7 +338,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise UserError(str(err)) from None
     tracker = Tracker(args.tracking_uri, args.experiment)
-    tracker.connect()
+    tracker.connect(create=False)
     selected = export_trial(
         tracker,
         name=args.name,
@@ -377,7 +377,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from tdsearch.mlflow.tracking import Tracker
 
     tracker = Tracker(args.tracking_uri, args.experiment)
-    tracker.connect()
+    tracker.connect(create=False)
     trials, joint, score = compare_searches(tracker, args.names)
     counts = trials.groupby("search", sort=False).size()
     print("searches: " + ", ".join(f"{name} ({n} trials)" for name, n in counts.items()))

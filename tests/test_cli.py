@@ -117,3 +117,16 @@ def test_space_prints_tied_dimensions():
 def test_help_works():
     assert tdsearch("--help").returncode == 0
     assert "export" in tdsearch("--help").stdout
+
+
+def test_export_where_no_store_exists_creates_none(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 2
+    assert "the store does not exist" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # no empty mlflow.db left behind
+
+
+def test_a_flag_must_be_spelled_out(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--epoch", "1", "--storage", str(tmp_path / "runs")]) == 2  # not --epochs
+    assert "unrecognized arguments: --epoch" in capsys.readouterr().err

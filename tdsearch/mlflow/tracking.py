@@ -100,12 +100,22 @@ class Tracker:
             self._client = MlflowClient(self.tracking_uri)
         return self._client
 
-    def connect(self) -> str:
+    def connect(self, *, create: bool = True) -> str:
         """Open (creating if needed) the experiment; an unreachable store is a UserError.
 
         The first use of a new SQLite file creates its tables; two searches starting at once
         would race on that, so the creation runs under a file lock beside the database.
+        With ``create=False`` (reading a search back: export, compare) a SQLite file that does
+        not exist is an error, and nothing is created.
         """
+        if not create and self.tracking_uri.startswith("sqlite:///"):
+            path = Path(urlparse(self.tracking_uri).path)
+            if not path.is_file():
+                raise UserError(
+                    f"no search in MLflow experiment {self.experiment_name!r} at "
+                    f"{self.tracking_uri}: the store does not exist (run tdsearch where the "
+                    "search ran, or pass --tracking-uri)"
+                )
         self._check_server()
         lock = self._sqlite_lock()
         try:
