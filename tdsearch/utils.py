@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -30,12 +31,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 def _umask() -> int:
     """The process's umask, read without setting it (os.umask would change it for a moment,
     under the feet of other threads) where /proc tells it."""
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
-    except OSError:
-        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

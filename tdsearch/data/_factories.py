@@ -8,6 +8,7 @@ Ray's object store). A built-in dataset is a source too (:class:`BuiltinData`).
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import importlib
 from collections.abc import Callable, Mapping
@@ -23,14 +24,15 @@ from tdsearch.errors import UserError
 TaskData = Union[Dataset, Data]  # noqa: UP007 (a runtime alias, read by isinstance users)
 
 
-class DataSource:
+class DataSource(abc.ABC):
     """Builds a task's data. Subclasses are small and picklable; ``key`` identifies what they
-    build (the worker-side cache and the baseline cache use it)."""
+    build (the worker-side cache uses it)."""
 
     name: str = "data"
 
+    @abc.abstractmethod
     def build(self) -> TaskData:
-        raise NotImplementedError
+        """The data: a built-in :class:`Dataset` or a user's :class:`Data`."""
 
     def shapes(self) -> tuple[tuple[int, ...], int | None]:
         """(input shape, number of classes or None), building the data only when they are not
