@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -151,13 +154,13 @@ def start_ui(tracker: Tracker, host: str, port: int, name: str | None = None) ->
         raise UserError(
             f"{tracker.tracking_uri} is a tracking server already: open it in a browser"
         )
+    tracker.connect(create=False)  # a store that does not exist is an error, not created
     experiment = tracker.client.get_experiment_by_name(tracker.experiment_name)
     if experiment is None:
         raise UserError(
             f"no MLflow experiment {tracker.experiment_name!r} at "
             f"{tracker.tracking_uri}; run a search first"
         )
-    tracker.connect()  # tags the experiment as training runs, for MLflow 3's UI
     if not free_port(host, port):
         raise UserError(f"port {port} on {host} is in use; pass --port")
     url = f"http://{host}:{port}/#/experiments/{experiment.experiment_id}/runs"
@@ -179,7 +182,53 @@ def start_ui(tracker: Tracker, host: str, port: int, name: str | None = None) ->
         "--port",
         str(port),
     ]
+    return run_child(command)
+
+
+class _Stopped(Exception):
+    """A signal asked tdsearch to stop."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def run_child(command: list[str]) -> int:
+    """Run ``command`` (a server and the workers it forks) until it exits or tdsearch is
+    stopped by Ctrl-C, SIGTERM or SIGHUP; then the child's whole process group ends too, so no
+    server is left holding the port. Returns the child's exit code, or 128 + the signal."""
+
+    def stop(signum, frame):
+        raise _Stopped(signum)
+
+    # its own process group: one signal reaches the server and every worker it started
+    child = subprocess.Popen(command, start_new_session=True)
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:
-        return 0
+        return child.wait()
+    except _Stopped as stopped:
+        return 0 if stopped.signum == signal.SIGINT else 128 + stopped.signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        end_process_group(child)
+
+
+#: the signals after which tdsearch ends what it started (SIGKILL cannot be caught)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def end_process_group(child: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the child's process group, SIGKILL what is left after ``grace`` seconds."""
+    if child.poll() is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGTERM)  # workers the server left behind
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGTERM)
+    try:
+        child.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()

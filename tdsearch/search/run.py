@@ -235,6 +235,7 @@ def _init_ray(config: SearchConfig) -> bool:
 
     if ray.is_initialized():
         return False
+    before = _stop_handlers()
     kwargs = dict(
         include_dashboard=False,
         log_to_driver=False,
@@ -255,7 +256,32 @@ def _init_ray(config: SearchConfig) -> bool:
         ray.init(runtime_env={"env_vars": env}, **kwargs)
     for noisy in ("ray", "ray.tune", "ray.train", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    _restore_stop_signals(before)
     return True
+
+
+def _stop_handlers() -> dict:
+    import signal
+
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+
+def _restore_stop_signals(before: dict) -> None:
+    """Give SIGTERM and SIGHUP back to the Python handlers set before Ray started (the CLI's,
+    which stop a search the way Ctrl-C does).
+
+    ``ray.init`` replaces them in the driver: a Python handler that calls ``sys.exit(15)`` and a
+    C-level failure handler that logs a stack and aborts, so a search stopped by SIGTERM ended
+    with SIGABRT or exit code 15 instead of exit code 130 and a resumable search.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig, handler in before.items():
+        if callable(handler):
+            signal.signal(sig, handler)
 
 
 def _start_parent(

@@ -466,3 +466,30 @@ def _two_node_scenario(workdir: Path) -> str | None:
     finally:
         _kill_cluster(str(temp), f"127.0.0.1:{port}")
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_driver_alone_stops_cleanly_and_leaves_no_ray_behind(workdir):
+    """A supervisor's SIGTERM reaches tdsearch only (not its process group): the search
+    stops as on Ctrl-C, and the Ray processes it started end with it."""
+    args = ["--budget", "4", "--method", "faulty:Slow", "--name", "sigterm"]
+    driver = subprocess.Popen(
+        command(*args),
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "FAULTY_PAUSE": "3"},
+    )
+    wait_for(lambda: len(finished(search_runs(workdir)[2])) >= 1)
+    started = psutil.Process(driver.pid).children(recursive=True)
+    driver.send_signal(signal.SIGTERM)
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 130, out
+    assert "tdsearch --resume sigterm" in out
+    _, parent, children = search_runs(workdir, "sigterm")
+    assert parent.info.status == "KILLED"
+    assert not [c for c in children if c.info.status == "RUNNING"]
+    _, alive = psutil.wait_procs(started, timeout=60)
+    assert not alive, [p.name() for p in alive]
