@@ -341,7 +341,7 @@ class Search:
         state = SearchState.load(config.storage_path / self._name)
         current = config.to_dict()
         where = f"a search named {self._name!r} already exists in {config.storage_path}"
-        for key in sorted(self._explicit - self.RUN_SETTINGS):
+        for key in sorted((self._explicit | requested) - self.RUN_SETTINGS):
             stored = state.config.get(key)
             if stored is not None and current.get(key) != stored:
                 raise UserError(
