@@ -244,7 +244,9 @@ def _init_ray(config: SearchConfig) -> bool:
     )
     if config.address:
         try:
-            ray.init(address=config.address, runtime_env={"env_vars": worker_env()}, **kwargs)
+            # a cluster's workers take the environment of the `ray start` that made their
+            # node (set MALLOC_ARENA_MAX=2 there); a job-level runtime_env is left out here
+            ray.init(address=config.address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise UserError(
                 f"cannot connect to the Ray cluster at {config.address}: {str(err).splitlines()[0]}"
