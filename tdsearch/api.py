@@ -408,23 +408,29 @@ class Search:
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _tracker(self):
+    def _stored(self):
+        """The stored SearchState and a connected Tracker of its store, opened once per name
+        (reading a search back calls this for every property)."""
         from tdsearch.mlflow.tracking import Tracker
         from tdsearch.search.store import STATE_FILE, SearchState
 
         directory = None if self._name is None else self.config.storage_path / self._name
         if directory is None or not (directory / STATE_FILE).is_file():
             raise UserError("the search has not run yet: call optimize() first")
-        state = SearchState.load(directory)
-        tracker = Tracker(state.tracking_uri, self.config.experiment)
-        tracker.connect()
-        return tracker
+        cached = self.__dict__.get("_opened")
+        if cached is None or cached[0] != directory:
+            state = SearchState.load(directory)
+            tracker = Tracker(state.tracking_uri, self.config.experiment)
+            tracker.connect()
+            cached = self._opened = (directory, state, tracker)
+        return cached[1], cached[2]
+
+    def _tracker(self):
+        return self._stored()[1]
 
     def _parent(self):
-        from tdsearch.search.store import SearchState
-
-        state = SearchState.load(self.config.storage_path / self._name)
-        return self._tracker().client.get_run(state.parent_run_id)
+        state, tracker = self._stored()
+        return tracker.client.get_run(state.parent_run_id)
 
     def _task_shape(self) -> tuple[tuple[int, ...], int | None]:
         if self._outcome is not None and self._outcome.task is not None:

@@ -141,9 +141,8 @@ def test_a_driver_killed_with_sigkill_resumes_without_losing_or_repeating_trials
     assert_front_matches_logged_metrics(client, parent, children, workdir / "artifacts")
 
 
-@pytest.mark.slow
-def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(workdir):
-    args = ["--budget", "4", "--method", "faulty:Slow", "--name", "ctrlc"]
+def start_slow_search(workdir: Path, args: list[str]) -> subprocess.Popen:
+    """A search of slow trials in its own session, returned once its first trial finished."""
     driver = subprocess.Popen(
         command(*args),
         cwd=workdir,
@@ -154,6 +153,13 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(workdir):
         env={**os.environ, "FAULTY_PAUSE": "3"},
     )
     wait_for(lambda: len(finished(search_runs(workdir)[2])) >= 1)
+    return driver
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(workdir):
+    args = ["--budget", "4", "--method", "faulty:Slow", "--name", "ctrlc"]
+    driver = start_slow_search(workdir, args)
     os.killpg(driver.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
     out, _ = driver.communicate(timeout=300)
     assert driver.returncode == 130, out
@@ -473,16 +479,7 @@ def test_sigterm_to_the_driver_alone_stops_cleanly_and_leaves_no_ray_behind(work
     """A supervisor's SIGTERM reaches tdsearch only (not its process group): the search
     stops as on Ctrl-C, and the Ray processes it started end with it."""
     args = ["--budget", "4", "--method", "faulty:Slow", "--name", "sigterm"]
-    driver = subprocess.Popen(
-        command(*args),
-        cwd=workdir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, "FAULTY_PAUSE": "3"},
-    )
-    wait_for(lambda: len(finished(search_runs(workdir)[2])) >= 1)
+    driver = start_slow_search(workdir, args)
     started = psutil.Process(driver.pid).children(recursive=True)
     driver.send_signal(signal.SIGTERM)
     out, _ = driver.communicate(timeout=300)
