@@ -18,10 +18,11 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from tdsearch.errors import UserError
 
-SUBCOMMANDS = ("search", "layers", "baseline", "space", "export", "ui", "compare")
+SUBCOMMANDS = ("search", "layers", "baseline", "space", "export", "ui", "compare", "sync")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -269,6 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_cmd_compare)
 
+    p = sub.add_parser(
+        "sync", help="write the runs a search could not write while its tracking server was away"
+    )
+    p.add_argument("name", metavar="NAME", help="search name")
+    p.add_argument("--storage", default="tdsearch-runs", help="searches' folder (tdsearch-runs)")
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: the one the search recorded)"
+    )
+    p.set_defaults(handler=_cmd_sync)
+
     p = sub.add_parser("layers", help="list a model's decomposable layers and their rank limits")
     _add_task_options(p)
     p.set_defaults(handler=_cmd_layers)
@@ -322,9 +333,61 @@ def _cmd_space(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
+_STORE_SIDE_FILES = ("", "-journal", "-wal", "-shm", ".lock")
 
+
+def _check_output(path: Path, flag: str, tracking_uri: str) -> None:
+    """Refuse, before anything is read, an output file that cannot be written or that would
+    write into a stored search: a directory, a path below a file, the tracking store (or its
+    SQLite side files), or a path inside a search's folder (one that holds its state file)."""
+    try:
+        _check_output_path(path, flag, tracking_uri)
+    except OSError as err:  # e.g. a name too long for the file system
+        raise UserError(f"cannot write {flag} {path}: {err.strerror or err}") from None
+
+
+def _check_output_path(path: Path, flag: str, tracking_uri: str) -> None:
+    from urllib.parse import urlparse
+
+    from tdsearch.search.store import STATE_FILE
+
+    if not path.name or path.is_dir():
+        raise UserError(f"{flag} {str(path)!r} is a directory; give a file name")
+    target = path.resolve()  # through "..", symbolic links
+    if tracking_uri.startswith("sqlite:///"):
+        store = Path(urlparse(tracking_uri).path).resolve()
+        if target.parent == store.parent and target.name in {
+            store.name + side for side in _STORE_SIDE_FILES
+        }:
+            raise UserError(f"{flag} {path} is the MLflow tracking store; give another file")
+    elif "://" not in tracking_uri or tracking_uri.startswith("file:"):
+        store = Path(urlparse(tracking_uri).path if "://" in tracking_uri else tracking_uri)
+        if store.resolve() in target.parents:
+            raise UserError(f"{flag} {path} is inside the MLflow tracking store {store}")
+    for parent in target.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"cannot write {flag} {path}: {parent} is not a directory")
+        if _is_search_folder(parent / STATE_FILE):
+            raise UserError(
+                f"{flag} {path} is inside the folder of the search in {parent}; write it elsewhere"
+            )
+
+
+def _is_search_folder(state_file: Path) -> bool:
+    """Whether ``state_file`` is the state tdsearch keeps in a search's folder (not some other
+    file that happens to share its name)."""
+    import json
+
+    if not state_file.is_file():
+        return False
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and {"parent_run_id", "tracking_uri"} <= state.keys()
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
     from tdsearch.mlflow.export import export_trial, write_checkpoint
     from tdsearch.mlflow.tracking import Tracker
     from tdsearch.tensor import SERIALIZATIONS
@@ -339,6 +402,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise UserError(str(err)) from None
     tracker = Tracker(args.tracking_uri, args.experiment)
+    if args.output:
+        _check_output(Path(args.output), "-o", tracker.tracking_uri)
+    if args.checkpoint:
+        _check_output(Path(args.checkpoint), "--checkpoint", tracker.tracking_uri)
     tracker.connect(create=False)
     selected = export_trial(
         tracker,
@@ -349,14 +416,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
         max_params=args.max_params,
         max_macs=args.max_macs,
     )
-    print(selected.describe(), file=sys.stderr)
     if args.output:
-        path = selected.table.save(args.output, fmt)
+        try:
+            path = selected.table.save(args.output, fmt)
+        except OSError as err:
+            raise UserError(f"cannot write -o {args.output}: {err.strerror or err}") from None
+        print(selected.describe(), file=sys.stderr)
         print(f"rank table written to {path}", file=sys.stderr)
     else:
+        print(selected.describe(), file=sys.stderr)
         sys.stdout.write(selected.table.dumps(fmt or "yaml"))
     if args.checkpoint:
-        path = write_checkpoint(tracker, selected, Path(args.checkpoint))
+        try:
+            path = write_checkpoint(tracker, selected, Path(args.checkpoint))
+        except OSError as err:
+            raise UserError(f"cannot write --checkpoint {args.checkpoint}: {err}") from None
         print(
             f"compressed model written to {path} (load with tdsearch.load_compressed)",
             file=sys.stderr,
@@ -372,19 +446,25 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from tdsearch.mlflow.compare import compare_searches, format_joint_front, plot_fronts
     from tdsearch.mlflow.tracking import Tracker
 
     tracker = Tracker(args.tracking_uri, args.experiment)
+    output = Path(args.output)
+    _check_output(output, "-o", tracker.tracking_uri)
+    for twin in (output.with_suffix(".png"), output.with_suffix(".html")):  # what is written
+        _check_output(twin, "-o", tracker.tracking_uri)
     tracker.connect(create=False)
     trials, joint, score = compare_searches(tracker, args.names)
     counts = trials.groupby("search", sort=False).size()
     print("searches: " + ", ".join(f"{name} ({n} trials)" for name, n in counts.items()))
     print(f"joint Pareto front (validation {score.name} vs params / MACs):")
     print(format_joint_front(joint, score))
-    for path in plot_fronts(trials, joint, Path(args.output), score):
+    try:
+        written = plot_fronts(trials, joint, output, score)
+    except OSError as err:
+        raise UserError(f"cannot write -o {args.output}: {err.strerror or err}") from None
+    for path in written:
         print(f"wrote {path}")
     return 0
 
@@ -404,6 +484,13 @@ def _task_settings(args: argparse.Namespace):
         direction=args.direction,
         loss=args.loss,
     )
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
+    from tdsearch.search.sync import sync_search
+
+    sync_search(args.name, Path(args.storage).expanduser().resolve(), args.tracking_uri)
+    return 0
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -157,7 +157,7 @@ class SpaceSettings:
             if not (
                 isinstance(bounds, list | tuple)
                 and len(bounds) == 2
-                and all(isinstance(b, int) for b in bounds)
+                and all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)
             ):
                 raise UserError(f"rank_bounds[{pattern!r}] must be [low, high], got {bounds!r}")
         _ = self.trainer  # checks the method and its options
@@ -485,12 +485,21 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` merges a mapping, whose keys may be overridden
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            if not isinstance(key, Hashable):
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"a key must be a name, not a {type(key).__name__}",
+                    key_node.start_mark,
+                )
+            if (type(key), key) in seen:  # the type too: 1 and true are different keys
                 raise yaml.constructor.ConstructorError(
                     None, None, f"setting {key!r} is given twice", key_node.start_mark
                 )
-            seen.add(key)
+            seen.add((type(key), key))
         return super().construct_mapping(node, deep=deep)
 
 
@@ -498,7 +507,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.reason if isinstance(err, UnicodeDecodeError) else err.strerror
+        raise UserError(f"cannot read config file {path} as UTF-8 text: {reason}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         at = f" (line {where.line + 1})" if where is not None else ""
@@ -518,6 +532,8 @@ def _convert(key: str, value: Any, f: dataclasses.Field) -> Any:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     if value is None and ("None" in kind or kind == "Any"):
         return None
+    if isinstance(value, str) and "\0" in value:  # YAML's "\0"; no file name can hold one
+        raise UserError(f"setting {key}: a NUL character cannot be in {value!r}")
     try:
         if kind.startswith("list"):
             if isinstance(value, str):

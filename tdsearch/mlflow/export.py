@@ -90,7 +90,7 @@ def download_checkpoint(tracker: Tracker, run_id: str, trial: int, directory: Pa
         UserError: the trial has no checkpoint (it failed before its first epoch ended).
     """
     try:
-        return Path(tracker.client.download_artifacts(run_id, "model/model.pt", str(directory)))
+        return tracker.download_artifact(run_id, "model/model.pt", directory)
     except Exception as err:
         raise UserError(
             f"trial {trial} has no model checkpoint ({str(err).splitlines()[0]})"

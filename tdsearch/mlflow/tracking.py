@@ -67,15 +67,39 @@ def _absolute_sqlite(uri: str) -> str:
     return uri
 
 
-def _retry(call: Callable[[], T], attempts: int = 8) -> T:
+class TrackingUnavailable(RuntimeError):
+    """The tracking server did not answer (stopped, restarting, its database away): what a
+    search holds back and writes later, unlike an error in what was written."""
+
+
+def _is_outage(err: Exception, tracking_uri: str) -> bool:
+    """A failure of the server rather than of the request: a connection error, or an HTTP 5xx
+    answer (MLflow's client reports a refused connection as an error of status 500 too)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return False
+    if isinstance(err, MlflowException):
+        return err.get_http_status_code() >= 500
+    import requests
+
+    return isinstance(err, requests.RequestException | ConnectionError | TimeoutError)
+
+
+def _retry(call: Callable[[], T], attempts: int = 8, tracking_uri: str = "") -> T:
     """Retry SQLite's transient "database is locked" (another process, e.g. a second search or
-    the UI, holds the write lock) with exponential backoff."""
+    the UI, holds the write lock) with exponential backoff; a server that does not answer is
+    :class:`TrackingUnavailable`."""
     delay = 0.05
     for attempt in range(attempts):
         try:
             return call()
-        except MlflowException as err:
-            if "locked" not in str(err).lower() or attempt == attempts - 1:
+        except Exception as err:
+            if _is_outage(err, tracking_uri):
+                raise TrackingUnavailable(
+                    f"the MLflow tracking server {tracking_uri} did not answer: "
+                    f"{str(err).splitlines()[0][:200]}"
+                ) from err
+            locked = isinstance(err, MlflowException) and "locked" in str(err).lower()
+            if not locked or attempt == attempts - 1:
                 raise
             time.sleep(delay)
             delay *= 2
@@ -90,9 +114,22 @@ class Tracker:
         self.experiment_name = experiment
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
+        #: (old, new) folder of a moved SQLite store's artifacts; () when not moved
+        self._artifact_move: tuple[Path, Path] | tuple[()] | None = None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_client": None}
+
+    def _call(self, call: Callable[[], T]) -> T:
+        return _retry(call, tracking_uri=self.tracking_uri)
+
+    def available(self, timeout: float = 5.0) -> bool:
+        """Whether the tracking server answers its health check now (a local store: always)."""
+        try:
+            self._check_server(timeout)
+        except UserError:
+            return False
+        return True
 
     @property
     def client(self) -> MlflowClient:
@@ -180,7 +217,7 @@ class Tracker:
     # --- parent run ---------------------------------------------------------------------------
 
     def start_parent(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
-        run = _retry(
+        run = self._call(
             lambda: self.client.create_run(
                 self.experiment_id,
                 run_name=name,
@@ -190,10 +227,23 @@ class Tracker:
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
+    def search_run(self, run_id: str, name: str):
+        """The parent run of search ``name``; a store without it is a UserError (the search
+        wrote to another store)."""
+        try:
+            return self._call(lambda: self.client.get_run(run_id))
+        except MlflowException as err:
+            if err.get_http_status_code() != 404 and "not found" not in str(err).lower():
+                raise
+            raise UserError(
+                f"the MLflow store {self.tracking_uri} holds no run of search {name} (run "
+                f"{run_id}); pass --tracking-uri with the store the search wrote to"
+            ) from None
+
     def reopen_parent(self, run_id: str) -> int:
         """Mark a resumed search's parent RUNNING again and every child left RUNNING by the
         killed driver as KILLED; returns how many children were closed."""
-        _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
+        self._call(lambda: self.client.update_run(run_id, status="RUNNING"))
         return self.close_running_children(run_id, "killed")
 
     def close_running_children(self, parent_id: str, trial_status: str) -> int:
@@ -202,18 +252,18 @@ class Tracker:
         stale = [r for r in self.children(parent_id) if r.info.status == "RUNNING"]
         for run in stale:
             self.set_tags(run.info.run_id, {TAG_STATUS: trial_status})
-            _retry(lambda run=run: self.client.set_terminated(run.info.run_id, "KILLED"))
+            self._call(lambda run=run: self.client.set_terminated(run.info.run_id, "KILLED"))
         return len(stale)
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
-        _retry(lambda: self.client.set_terminated(run_id, status))
+        self._call(lambda: self.client.set_terminated(run_id, status))
 
     # --- child runs ---------------------------------------------------------------------------
 
     def children(self, parent_id: str) -> list:
         filter_string = f"tags.`{PARENT_TAG}` = '{parent_id}'"
         return list(
-            _retry(
+            self._call(
                 lambda: self.client.search_runs(
                     [self.experiment_id], filter_string=filter_string, max_results=50_000
                 )
@@ -223,7 +273,7 @@ class Tracker:
     def start_child(
         self, parent_id: str, trial_id: str, number: int, name: str, tags: Mapping[str, str]
     ) -> str:
-        run = _retry(
+        run = self._call(
             lambda: self.client.create_run(
                 self.experiment_id,
                 run_name=name,
@@ -239,6 +289,28 @@ class Tracker:
         )
         return run.info.run_id
 
+    def trial_runs(self, parent_id: str, trial_id: str) -> list:
+        """The child runs of one trial (several when a retried attempt was closed)."""
+        return [r for r in self.children(parent_id) if r.data.tags.get(TAG_TRIAL_ID) == trial_id]
+
+    def metric_steps(self, run_id: str, key: str) -> set[int]:
+        """Steps at which ``key`` was logged to the run."""
+        history = self._call(lambda: self.client.get_metric_history(run_id, key))
+        return {m.step for m in history}
+
+    def has_artifacts(self, run_id: str, path: str) -> bool:
+        repository = self._moved_artifacts(run_id)
+        if repository is not None:
+            return bool(repository.list_artifacts(path))
+        return bool(self._call(lambda: self.client.list_artifacts(run_id, path)))
+
+    def download_artifact(self, run_id: str, path: str, directory: Path) -> Path:
+        repository = self._moved_artifacts(run_id)
+        if repository is not None:
+            return Path(repository.download_artifacts(path, str(directory)))
+        local = self._call(lambda: self.client.download_artifacts(run_id, path, str(directory)))
+        return Path(local)
+
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         batch = [
@@ -247,19 +319,62 @@ class Tracker:
             if isinstance(v, int | float) and not isinstance(v, bool)
         ]
         for start in range(0, len(batch), 1000):
-            _retry(lambda s=start: self.client.log_batch(run_id, metrics=batch[s : s + 1000]))
+            self._call(lambda s=start: self.client.log_batch(run_id, metrics=batch[s : s + 1000]))
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):
-            _retry(lambda s=start: self.client.log_batch(run_id, params=items[s : s + 100]))
+            self._call(lambda s=start: self.client.log_batch(run_id, params=items[s : s + 100]))
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         items = [RunTag(k, str(v)[:8000]) for k, v in tags.items()]
-        _retry(lambda: self.client.log_batch(run_id, tags=items))
+        self._call(lambda: self.client.log_batch(run_id, tags=items))
 
     def log_artifacts(self, run_id: str, directory: Path, artifact_path: str | None = None) -> None:
-        _retry(lambda: self.client.log_artifacts(run_id, str(directory), artifact_path))
+        repository = self._moved_artifacts(run_id)
+        if repository is not None:
+            repository.log_artifacts(str(directory), artifact_path)
+            return
+        self._call(lambda: self.client.log_artifacts(run_id, str(directory), artifact_path))
+
+    def _moved_artifacts(self, run_id: str):
+        """MLflow's repository of a run's artifacts where they lie now, when a SQLite store was
+        moved or copied with its artifact folder, else None.
+
+        A SQLite store records absolute artifact paths (``/old/place/mlruns/1/<run>/...``);
+        after ``mv old new`` MLflow would read from, and write to, the old place (and create it
+        again). The new place is the old path's tail found under the store's folder: the
+        longest prefix of the old path is swapped for the store's folder.
+        """
+        if not self.tracking_uri.startswith("sqlite:///"):
+            return None
+        if self._artifact_move is None:
+            self._artifact_move = self._find_artifact_move()
+        if not self._artifact_move:
+            return None
+        old, new = self._artifact_move
+        uri = self._call(lambda: self.client.get_run(run_id)).info.artifact_uri
+        path = Path(urlparse(uri).path if uri.startswith("file:") else uri)
+        if ("://" in uri and not uri.startswith("file:")) or old not in path.parents:
+            return None
+        from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+        return LocalArtifactRepository(str(new / path.relative_to(old)))
+
+    def _find_artifact_move(self) -> tuple[Path, Path] | tuple[()]:
+        experiment = self._call(lambda: self.client.get_experiment(self.experiment_id))
+        location = experiment.artifact_location
+        if "://" in location and not location.startswith("file:"):
+            return ()
+        recorded = Path(urlparse(location).path if location.startswith("file:") else location)
+        if recorded.exists():
+            return ()
+        here = Path(urlparse(self.tracking_uri).path).parent
+        parts = recorded.parts
+        for k in range(1, len(parts)):
+            if here.joinpath(*parts[k:]).is_dir():
+                return Path(*parts[:k]), here
+        return ()
 
     # --- reading back -------------------------------------------------------------------------
 
@@ -298,7 +413,7 @@ class Tracker:
         if name is not None:
             clauses.append(f"tags.`{TAG_SEARCH}` = '{name}'")
         return list(
-            _retry(
+            self._call(
                 lambda: self.client.search_runs(
                     [self.experiment_id],
                     filter_string=" and ".join(clauses),

@@ -239,7 +239,9 @@ def load_weights(model: nn.Module, path: str | Path) -> str | None:
             if isinstance(state.get(key), dict):
                 state = state[key]
                 break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise UserError(f"weights file {path} does not hold a state_dict of tensors")
     own = model.state_dict()
     note = None

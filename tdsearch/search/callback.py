@@ -3,59 +3,37 @@
 Ray's own ``MLflowLoggerCallback`` keeps its trial -> run mapping in memory only, so after a
 restore it cannot tell which run belongs to which trial; this one keeps the trial id in a tag on
 each child run and finds the run again by it.
+
+A tracking server that stops answering does not stop the search: the trials whose writes failed
+are held (Ray Tune keeps their results), the server is asked every few seconds whether it is
+back, and then each held trial is written from Tune's record (:func:`write_trial`, idempotent).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
+import time
+from collections.abc import Callable
 
 from ray.tune import Callback
 
-from tdsearch.mlflow.tracking import (
-    TAG_ERROR,
-    TAG_NODE,
-    TAG_STATUS,
-    TAG_WORKER,
-    Tracker,
-    finite_metrics,
-    rank_params,
-    table_tag,
+from tdsearch.mlflow.tracking import Tracker, TrackingUnavailable
+from tdsearch.search.sync import (
+    RunLayout,
+    TuneTrial,
+    close_run,
+    error_text,
+    log_rank_table,
+    node_tags,
+    result_metrics,
+    result_step,
+    trial_end,
+    trial_number,
+    trial_params,
+    write_trial,
 )
 
-#: Keys Ray adds to every result; everything else a trial reports is ours.
-RAY_RESULT_KEYS = frozenset(
-    {
-        "timestamp",
-        "checkpoint_dir_name",
-        "done",
-        "training_iteration",
-        "trial_id",
-        "date",
-        "time_this_iter_s",
-        "time_total_s",
-        "pid",
-        "hostname",
-        "node_ip",
-        "config",
-        "time_since_restore",
-        "iterations_since_restore",
-        "experiment_tag",
-        "should_checkpoint",
-        "epoch",
-        "failed",
-        "error",
-        "rank_table",
-        "node",
-    }
-)
-
-
-def trial_number(trial) -> int:
-    """The 1-based index of a Ray Tune trial in its search (the head of its experiment tag,
-    ``7_rank.conv2.1=0.41,...``); it survives a restore."""
-    head = str(getattr(trial, "experiment_tag", "")).split("_", 1)[0]
-    return int(head) if head.isdigit() else -1
+#: Seconds between health checks of a tracking server that stopped answering.
+PROBE_EVERY_S = 5.0
 
 
 class MlflowTrialLogger(Callback):
@@ -64,119 +42,188 @@ class MlflowTrialLogger(Callback):
     Args:
         tracker: the search's :class:`Tracker`.
         parent_id: the parent run's id.
-        tags: tags every child carries (method, model, dataset).
-        rank_dims: config keys that are rank dimensions (logged as ``space.*`` params, the
-            other config keys are the method's hyper-parameters and keep their names).
-        ranks_known_at_start: fixed-rank methods log the rank table at start; in-loop selectors
-            only when the trial ends.
-        planned_epochs: epochs of a trial that runs to the end; one that ends sooner was
-            stopped early (tag ``trial_status = stopped_early``).
+        layout: how a trial is written as a run (tags, which config keys are ranks, ...).
+        out: where the one-line outage messages go.
     """
 
     def __init__(
         self,
         tracker: Tracker,
         parent_id: str,
-        tags: Mapping[str, str],
-        rank_dims: frozenset[str],
-        ranks_known_at_start: bool,
-        planned_epochs: int,
+        layout: RunLayout,
+        out: Callable[[str], None] = print,
     ):
         self.tracker = tracker
         self.parent_id = parent_id
-        self.tags = dict(tags)
-        self.rank_dims = rank_dims
-        self.ranks_known_at_start = ranks_known_at_start
-        self.planned_epochs = planned_epochs
+        self.layout = layout
+        self.out = out
         self._runs: dict[str, str] = {}
         self._logged_table: set[str] = set()
         self._closed: set[str] = set()
         self._tagged_node: set[str] = set()
+        #: every result each trial reported (what a held trial is written from)
+        self._results: dict[str, list[dict]] = {}
+        #: trials with writes held back while the server is away
+        self.held: dict[str, object] = {}
+        self._outage_started: float | None = None
+        self._last_probe = 0.0
+        #: counts for the end-of-search line and the tests
+        self.held_total = 0
+        self.written_after_outage = 0
 
     def __getstate__(self) -> dict:
-        fresh = {"_runs": {}, "_logged_table": set(), "_closed": set(), "_tagged_node": set()}
+        fresh = {
+            "_runs": {},
+            "_logged_table": set(),
+            "_closed": set(),
+            "_tagged_node": set(),
+            "_results": {},
+            "held": {},
+            "_outage_started": None,
+        }
         return {**self.__dict__, **fresh}
+
+    # --- Tune's hooks -----------------------------------------------------------------------
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._write(trial, lambda: self._run_id(trial))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self._results.setdefault(trial.trial_id, []).append(dict(result))
+        self._write(trial, lambda: self._log_result(trial, result))
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._write(trial, lambda: self._complete(trial))
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        def fail() -> None:
+            run_id = self._run_id(trial)
+            if run_id not in self._closed:
+                self._close(run_id, "FAILED", "failed", error_text(trial))
+
+        self._write(trial, fail)
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        """A worker died and Ray restarts the trial: close this attempt's run as KILLED so the
+        retry gets a run of its own (one FINISHED run per trial in the end)."""
+        self._results.pop(trial.trial_id, None)
+        if trial.trial_id in self.held:
+            return  # its run is written once the server is back, from the new attempt on
+        if trial.trial_id in self._runs:
+            run_id = self._runs.pop(trial.trial_id)
+            self._logged_table.discard(trial.trial_id)
+            self._tagged_node.discard(trial.trial_id)
+            self._write(trial, lambda: self._close(run_id, "KILLED", "retried", error_text(trial)))
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        self.catch_up()
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.catch_up(force=True)
+
+    # --- outages ----------------------------------------------------------------------------
+
+    def _write(self, trial, action: Callable[[], object]) -> None:
+        """Run ``action`` (writes of ``trial``'s run), or hold the trial while the server is
+        away; a held trial is written whole later, so none of its later writes go out alone."""
+        if self._outage_started is not None or trial.trial_id in self.held:
+            self._hold(trial)
+            return
+        try:
+            action()
+        except TrackingUnavailable as err:
+            self._outage_started = time.monotonic()
+            self._last_probe = self._outage_started
+            self._hold(trial)
+            self.out(
+                f"{err}; the search goes on and writes the runs it holds when the server is back"
+            )
+
+    def _hold(self, trial) -> None:
+        if trial.trial_id not in self.held:
+            self.held_total += 1
+        self.held[trial.trial_id] = trial
+
+    def catch_up(self, *, force: bool = False) -> bool:
+        """Write the held trials if the server answers again; True when nothing is held."""
+        if not self.held:
+            return True
+        now = time.monotonic()
+        if not force and now - self._last_probe < PROBE_EVERY_S:
+            return False
+        self._last_probe = now
+        if not self.tracker.available():
+            return False
+        started = self._outage_started or now
+        written = 0
+        try:
+            for trial_id, trial in list(self.held.items()):
+                record = TuneTrial.from_trial(trial, self._results.get(trial_id, []))
+                write = write_trial(self.tracker, self.parent_id, record, self.layout, live=True)
+                run_id = write.run_id
+                self._runs[trial_id] = run_id
+                self._tagged_node.add(trial_id)
+                if self.layout.ranks_known_at_start:
+                    self._logged_table.add(trial_id)
+                if trial_end(record, self.layout.planned_epochs) is not None:
+                    self._closed.add(run_id)
+                    self._logged_table.add(trial_id)
+                del self.held[trial_id]
+                written += 1
+        except TrackingUnavailable:
+            self.written_after_outage += written
+            return False
+        self.written_after_outage += written
+        self._outage_started = None
+        self.out(
+            f"MLflow tracking server {self.tracker.tracking_uri} is back after "
+            f"{time.monotonic() - started:.0f} s: wrote {written} trial run(s) held meanwhile"
+        )
+        return True
+
+    # --- the writes -------------------------------------------------------------------------
 
     def _run_id(self, trial) -> str:
         if trial.trial_id not in self._runs:
             number = trial_number(trial)
-            self._runs[trial.trial_id] = self.tracker.start_child(
-                self.parent_id, trial.trial_id, number, f"trial-{number:04d}", self.tags
+            run_id = self.tracker.start_child(
+                self.parent_id, trial.trial_id, number, f"trial-{number:04d}", self.layout.tags
             )
-            params = {
-                (f"space.{k}" if k in self.rank_dims else k): v for k, v in trial.config.items()
-            }
-            self.tracker.log_params(self._runs[trial.trial_id], params)
+            self._runs[trial.trial_id] = run_id
+            self.tracker.log_params(run_id, trial_params(trial.config, self.layout.rank_dims))
         return self._runs[trial.trial_id]
 
-    def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self._run_id(trial)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+    def _log_result(self, trial, result: dict) -> None:
         run_id = self._run_id(trial)
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
-        metrics = {k: v for k, v in result.items() if k not in RAY_RESULT_KEYS}
-        self.tracker.log_metrics(run_id, finite_metrics(metrics), step)
-        if self.ranks_known_at_start:
+        self.tracker.log_metrics(run_id, result_metrics(result), result_step(result))
+        if self.layout.ranks_known_at_start:
             self._log_table(trial.trial_id, run_id, result.get("rank_table", ""))
-        if result.get("node") and trial.trial_id not in self._tagged_node:
-            tags = {TAG_NODE: result["node"]}
-            if result.get("pid"):
-                tags[TAG_WORKER] = str(result["pid"])  # which process ran it (workers are reused)
-            self.tracker.set_tags(run_id, tags)
+        if trial.trial_id not in self._tagged_node and node_tags(result):
+            self.tracker.set_tags(run_id, node_tags(result))
             self._tagged_node.add(trial.trial_id)
         if result.get("failed"):  # a trial's failure report is its last one: close the run now
             self._log_table(trial.trial_id, run_id, result.get("rank_table", ""))
             self._close(run_id, "FAILED", "failed", result.get("error", "trial failed"))
 
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+    def _complete(self, trial) -> None:
         run_id = self._run_id(trial)
-        last = trial.last_result or {}
         if run_id in self._closed:
             return
+        record = TuneTrial.from_trial(trial, self._results.get(trial.trial_id, []))
+        record.status = "TERMINATED"  # Tune calls this hook for trials that ended well
+        if not record.results and trial.last_result:
+            record.results = [dict(trial.last_result)]  # reported before a restore
+        last = record.results[-1] if record.results else (trial.last_result or {})
         self._log_table(trial.trial_id, run_id, last.get("rank_table", ""))
-        if last.get("failed"):
-            self._close(run_id, "FAILED", "failed", last.get("error", "trial failed"))
-            return
-        checkpoint = getattr(trial, "checkpoint", None)
-        if checkpoint is not None and Path(checkpoint.path).is_dir():
-            self.tracker.log_artifacts(run_id, Path(checkpoint.path), "model")
-        stopped = int(last.get("epoch", self.planned_epochs)) < self.planned_epochs
-        self._close(run_id, "FINISHED", "stopped_early" if stopped else "completed")
-
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        run_id = self._run_id(trial)
-        if run_id not in self._closed:
-            self._close(run_id, "FAILED", "failed", _error_text(trial))
-
-    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
-        """A worker died and Ray restarts the trial: close this attempt's run as KILLED so the
-        retry gets a run of its own (one FINISHED run per trial in the end)."""
-        if trial.trial_id in self._runs:
-            run_id = self._runs.pop(trial.trial_id)
-            self._logged_table.discard(trial.trial_id)
-            self._tagged_node.discard(trial.trial_id)
-            self._close(run_id, "KILLED", "retried", _error_text(trial))
+        end = trial_end(record, self.layout.planned_epochs)
+        if end.status == "FINISHED" and record.checkpoint is not None:
+            self.tracker.log_artifacts(run_id, record.checkpoint, "model")
+        self._close(run_id, end.status, end.trial_status, end.error or None)
 
     def _log_table(self, trial_id: str, run_id: str, table_json: str) -> None:
-        if table_json and trial_id not in self._logged_table:
-            self.tracker.log_params(run_id, rank_params(table_json))
-            self.tracker.set_tags(run_id, table_tag(table_json))
+        if trial_id not in self._logged_table and log_rank_table(self.tracker, run_id, table_json):
             self._logged_table.add(trial_id)
 
     def _close(self, run_id: str, status: str, trial_status: str, error: str | None = None) -> None:
-        tags = {TAG_STATUS: trial_status}
-        if error:
-            tags[TAG_ERROR] = error
-        self.tracker.set_tags(run_id, tags)
-        self.tracker.finish(run_id, status)
+        close_run(self.tracker, run_id, status, trial_status, error)
         self._closed.add(run_id)
-
-
-def _error_text(trial) -> str:
-    path = getattr(trial, "error_file", None)
-    if path and Path(path).is_file():
-        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-        if lines:
-            return lines[-1][:2000]
-    return str(getattr(trial, "error_msg", None) or "the trial's worker failed")[:2000]

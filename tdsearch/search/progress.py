@@ -15,7 +15,7 @@ from ray.tune import Callback
 
 from tdsearch.analysis import format_front, front_frame
 from tdsearch.scoring import ACCURACY, Score
-from tdsearch.search.callback import trial_number
+from tdsearch.search.sync import trial_number
 from tdsearch.utils import human_count
 
 

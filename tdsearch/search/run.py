@@ -5,29 +5,39 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from tdsearch.analysis import SearchSummary, format_front, objective_columns, summarize
+from tdsearch.analysis import SearchSummary, objective_columns, summarize
 from tdsearch.config import SearchConfig
 from tdsearch.errors import UserError
-from tdsearch.mlflow.tracking import TAG_PARETO, TAG_SCORE, Tracker
-from tdsearch.search.callback import trial_number
-from tdsearch.search.store import SearchState, default_name, resolve_name
+from tdsearch.mlflow.tracking import (
+    TAG_SCORE,
+    Tracker,
+    TrackingUnavailable,
+)
+from tdsearch.search.finish import SearchOutcome, finish_parent, print_summary
+from tdsearch.search.store import (
+    SearchState,
+    default_name,
+    locate_store,
+    resolve_name,
+    store_relative,
+)
+from tdsearch.search.sync import RunLayout, trial_number
 from tdsearch.search.trial import TrialSettings, run_trial
 from tdsearch.spaces import SearchSpace, build_space, select_layers
 from tdsearch.task import Task, load_task, open_task
 from tdsearch.tensor import LayerInfo
 from tdsearch.trainers import Trainer
-from tdsearch.utils import human_count
 
 #: Process-wide settings for Ray Tune, set before it is imported: save the experiment state
 #: after every step (so a driver killed with SIGKILL loses no finished trial; the state is a
@@ -38,24 +48,20 @@ RAY_ENVIRONMENT = {
     "RAY_AIR_NEW_OUTPUT": "0",
 }
 
+#: MLflow's HTTP client retries a server that does not answer for about two minutes by default,
+#: and a search's driver would stop scheduling meanwhile. A search holds what it cannot write and
+#: writes it when the server is back, so it gives up on a request after a few seconds instead.
+TRACKING_ENVIRONMENT = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
 
 def trial_dirname(trial) -> str:
     """``trial_0007_<id>``: Ray's default puts the whole config in the directory name, which
     outgrows file-name limits on models with many layers."""
     return f"trial_{trial_number(trial):04d}_{trial.trial_id}"
-
-
-@dataclass
-class SearchOutcome:
-    name: str
-    directory: Path
-    parent_run_id: str
-    tracking_uri: str
-    experiment: str
-    trials: pd.DataFrame
-    summary: SearchSummary
-    interrupted: bool = False
-    task: Task | None = None
 
 
 def prepare(
@@ -81,12 +87,13 @@ def prepare(
                     f"resume it from Python, passing the same {key} to create_search"
                 )
             objects[key] = value
+        given_store = config.tracking_uri  # where the store is now, if the user says so
         recorded = {k: v for k, v in state.config.items() if k not in state.python_objects}
         stored = SearchConfig.from_mapping(recorded)
         config = stored.replace(
             **objects, resume=True, name=name, address=config.address, storage=config.storage
         )
-        tracker = Tracker(state.tracking_uri, stored.experiment)
+        tracker = Tracker(locate_store(state, storage / name, given_store), stored.experiment)
         log(f"resuming search {name} from {storage / name}")
     else:
         tracker = Tracker(config.tracking_uri, config.experiment)
@@ -131,7 +138,9 @@ def run_search(config: SearchConfig, log: Callable[[str], None] = print) -> Sear
     spec = config.task_spec()
     opened = open_task(spec)
     space = build_search_space(config, trainer, opened.layers)
-    tracker.connect()
+    for key, value in TRACKING_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    tracker.connect(create=not resuming)
     task = load_task(
         spec,
         cache_dir=Path(config.cache_dir) if config.cache_dir else None,
@@ -140,6 +149,12 @@ def run_search(config: SearchConfig, log: Callable[[str], None] = print) -> Sear
     )
     score = task.score
     directory = config.storage_path / name
+    layout = RunLayout(
+        _run_tags(config, task),
+        frozenset(n for s in space.slots for n in s.dims),
+        ranks_known_at_start=not trainer.selects_ranks,
+        planned_epochs=trainer.planned_epochs(config.train_settings()),
+    )
 
     for key, value in RAY_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
@@ -147,6 +162,7 @@ def run_search(config: SearchConfig, log: Callable[[str], None] = print) -> Sear
     try:
         if resuming:
             parent_id = state.parent_run_id
+            tracker.search_run(parent_id, name)
             closed = tracker.reopen_parent(parent_id)
             if closed:
                 log(f"marked {closed} trial run(s) cut off by the interruption as KILLED")
@@ -162,27 +178,28 @@ def run_search(config: SearchConfig, log: Callable[[str], None] = print) -> Sear
                 python_objects=config.python_objects(),
                 model_fingerprint=spec.model_source.fingerprint(),
             )
-            state.save(directory)
+        state.tracking_uri = tracker.tracking_uri  # where it is now (a moved store, --tracking-uri)
+        state.run_layout = layout.to_dict()
+        state.store_relative = store_relative(tracker.tracking_uri, directory)
+        state.save(directory)
         log(
             f"search {name}: {config.budget} trials of {config.space.method_name} on "
             f"{config.model_label} / {config.dataset_label}, {len(space.searched)} dimensions, "
             f"concurrency {config.concurrency}"
         )
-        tuner = _make_tuner(
-            config, trainer, task, space, tracker, parent_id, directory, resuming, log
+        tuner, mirror = _make_tuner(
+            config, trainer, task, space, tracker, parent_id, layout, directory, resuming, log
         )
         start = time.monotonic()
-        grid = tuner.fit()
+        with _new_trials_follow_the_folder(directory if resuming else None):
+            grid = tuner.fit()
         elapsed = time.monotonic() - start
         ended = grid.num_terminated + grid.num_errors
     except BaseException:
         # a second Ctrl-C or an error of tdsearch itself: leave nothing RUNNING in MLflow and
         # keep the search resumable
         if state is not None and state.parent_run_id:
-            tracker.close_running_children(state.parent_run_id, "interrupted")
-            tracker.finish(state.parent_run_id, "KILLED")
-            state.status = "interrupted"
-            state.save(directory)
+            _close_interrupted(tracker, state, directory)
             log(f"search {name} interrupted; resume with: tdsearch --resume {name}")
         raise
     finally:
@@ -190,15 +207,33 @@ def run_search(config: SearchConfig, log: Callable[[str], None] = print) -> Sear
             import ray
 
             ray.shutdown()
+    interrupted_by_budget = ended < config.budget
+    if not mirror.catch_up(force=True):
+        return _end_without_tracking(
+            config,
+            name,
+            directory,
+            state,
+            tracker,
+            task,
+            mirror,
+            elapsed,
+            interrupted_by_budget,
+            log,
+        )
     tracker.close_running_children(parent_id, "stopped")
 
     frame = tracker.trials_frame(parent_id)
     all_failed = not frame.empty and not (frame["status"] == "FINISHED").any()
-    interrupted = ended < config.budget and not all_failed
+    interrupted = interrupted_by_budget and not all_failed
     summary = summarize(frame, config.objectives, task.baseline_metrics, score)
     status = "KILLED" if interrupted else "FAILED" if all_failed else "FINISHED"
-    _finish_parent(tracker, parent_id, frame, summary, task, name, status)
+    labels = (task.spec.model_label, task.spec.data_label)
+    finish_parent(
+        tracker, parent_id, frame, summary, task.baseline_metrics, score, labels, name, status
+    )
     state.status = "interrupted" if interrupted else "finished"
+    state.unwritten_trials = 0
     state.save(directory)
     outcome = SearchOutcome(
         name,
@@ -211,10 +246,58 @@ def run_search(config: SearchConfig, log: Callable[[str], None] = print) -> Sear
         interrupted,
         task,
     )
-    _print_summary(outcome, task, elapsed, log)
+    print_summary(outcome, task.baseline_metrics, score, elapsed, log)
     if not interrupted:
         _raise_if_all_failed(frame)
     return outcome
+
+
+def _close_interrupted(tracker: Tracker, state: SearchState, directory: Path) -> None:
+    """Mark a stopped search resumable and, if the server answers, leave nothing RUNNING."""
+    state.status = "interrupted"
+    state.save(directory)
+    try:
+        tracker.close_running_children(state.parent_run_id, "interrupted")
+        tracker.finish(state.parent_run_id, "KILLED")
+    except TrackingUnavailable:
+        pass  # the resume closes them (it marks every RUNNING child KILLED)
+
+
+def _end_without_tracking(
+    config: SearchConfig,
+    name: str,
+    directory: Path,
+    state: SearchState,
+    tracker: Tracker,
+    task: Task,
+    mirror,
+    elapsed: float,
+    interrupted: bool,
+    log: Callable[[str], None],
+) -> SearchOutcome:
+    """The search is over but the tracking server still does not answer: Ray Tune's state
+    keeps every result; ``tdsearch sync NAME`` writes the runs (and the front) later."""
+    state.status = "interrupted" if interrupted else "finished"
+    state.unwritten_trials = len(mirror.held)
+    state.save(directory)
+    log(
+        f"search {name} {'interrupted' if interrupted else 'finished'} in {elapsed / 60:.1f} min, "
+        f"but the MLflow tracking server {tracker.tracking_uri} is still away: "
+        f"{len(mirror.held)} trial run(s) not written yet (Ray Tune keeps them in {directory}); "
+        f"write them and the Pareto front with: tdsearch sync {name}"
+    )
+    empty = pd.DataFrame()
+    return SearchOutcome(
+        name,
+        directory,
+        state.parent_run_id,
+        tracker.tracking_uri,
+        config.experiment,
+        empty,
+        SearchSummary(empty, None, {}),
+        interrupted,
+        task,
+    )
 
 
 #: Environment of the Ray workers. glibc gives a thread that allocates its own malloc arena (up
@@ -313,10 +396,13 @@ def _make_tuner(
     space: SearchSpace,
     tracker: Tracker,
     parent_id: str,
+    layout: RunLayout,
     directory: Path,
     resuming: bool,
     log: Callable[[str], None],
 ):
+    """The Tuner of a new search, or of a resumed one (restored from ``directory``), and the
+    callback that writes its trials to MLflow."""
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
@@ -340,12 +426,24 @@ def _make_tuner(
         tune.with_parameters(run_trial, task=task, space=space, settings=settings),
         {"cpu": cpus, "gpu": config.gpus_per_trial},
     )
+    mirror = MlflowTrialLogger(tracker, parent_id, layout, out=log)
+    callbacks = [
+        mirror,
+        ProgressPrinter(
+            config.budget,
+            config.objectives,
+            task.baseline_metrics[score.column],
+            out=log,
+            score=score,
+        ),
+    ]
     if resuming:
         tuner = tune.Tuner.restore(
             str(directory), trainable, resume_unfinished=True, resume_errored=True
         )
         _check_restored_searcher(tuner)
-        return tuner
+        _retarget_restored(tuner, callbacks, directory)
+        return tuner, mirror
 
     import optuna
 
@@ -378,23 +476,6 @@ def _make_tuner(
             grace_period=1,
             reduction_factor=3,
         )
-    callbacks = [
-        MlflowTrialLogger(
-            tracker,
-            parent_id,
-            _run_tags(config, task),
-            frozenset(n for s in space.slots for n in s.dims),
-            ranks_known_at_start=not trainer.selects_ranks,
-            planned_epochs=epochs,
-        ),
-        ProgressPrinter(
-            config.budget,
-            config.objectives,
-            task.baseline_metrics[score.column],
-            out=log,
-            score=score,
-        ),
-    ]
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -416,7 +497,7 @@ def _make_tuner(
             failure_config=tune.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
-    )
+    ), mirror
 
 
 def initial_points(space: SearchSpace, count: int, min_fraction: float) -> list[dict]:
@@ -429,6 +510,55 @@ def initial_points(space: SearchSpace, count: int, min_fraction: float) -> list[
         return [space.uniform_config(0.5)]
     step = (1.0 - min_fraction) / (count - 1)
     return [space.uniform_config(min_fraction + k * step) for k in range(count)]
+
+
+def _retarget_restored(tuner, callbacks: list, directory: Path) -> None:
+    """Point a restored Tuner at where the search is now.
+
+    ``Tuner.restore`` brings back the callbacks and the scheduler pickled when the search began,
+    holding the tracking store and the folder of that time; a search folder moved or copied
+    since, or resumed with another ``--tracking-uri``, would write there (and create the old
+    store again). The callbacks are rebuilt and the scheduler's state file follows the folder.
+    Ray has no public way to do this, hence the guarded private attributes.
+    """
+    internal = getattr(tuner, "_local_tuner", None)
+    run_config = getattr(internal, "_run_config", None)
+    if run_config is None or not hasattr(run_config, "callbacks"):
+        raise RuntimeError("cannot reach the restored search's callbacks; refusing to resume")
+    run_config.callbacks = callbacks
+    scheduler = getattr(getattr(internal, "_tune_config", None), "scheduler", None)
+    if getattr(scheduler, "state_path", None) is not None:
+        scheduler.state_path = directory / Path(scheduler.state_path).name
+
+
+@contextlib.contextmanager
+def _new_trials_follow_the_folder(directory: Path | None):
+    """While a resumed search runs, make the trials it creates live in ``directory``.
+
+    Ray Tune (2.60) restores its search generator with the experiment of when the search
+    began, storage path included, while the restored trials get the folder's new place: after
+    the folder was moved, each new trial was set up at the old place and failed ("Unable to set
+    up cluster storage"). The generator's restored experiment is pointed at ``directory``.
+    """
+    if directory is None:
+        yield
+        return
+    from ray.tune.search.search_generator import SearchGenerator
+
+    original = SearchGenerator.set_state
+
+    def set_state(generator, state: dict) -> None:
+        original(generator, state)
+        storage = getattr(generator._experiment, "storage", None)
+        if storage is not None:  # the spec the trials are made from holds the same object
+            storage.storage_fs_path = str(directory.parent)
+            storage.experiment_dir_name = directory.name
+
+    SearchGenerator.set_state = set_state
+    try:
+        yield
+    finally:
+        SearchGenerator.set_state = original
 
 
 def _check_restored_searcher(tuner) -> None:
@@ -448,33 +578,6 @@ def _check_restored_searcher(tuner) -> None:
         )
 
 
-def _finish_parent(
-    tracker: Tracker,
-    parent_id: str,
-    frame: pd.DataFrame,
-    summary: SearchSummary,
-    task: Task,
-    name: str,
-    status: str,
-) -> None:
-    from tdsearch.mlflow.artifacts import write_search_artifacts
-
-    front_ids = set(summary.front["run_id"]) if len(summary.front) else set()
-    for run_id in frame.get("run_id", []):
-        tracker.set_tags(run_id, {TAG_PARETO: "true" if run_id in front_ids else "false"})
-    tracker.log_metrics(parent_id, {k: v for k, v in summary.metrics.items() if v == v}, step=0)
-    title = f"{name}: {task.spec.model_label} on {task.spec.data_label}"
-    with tempfile.TemporaryDirectory() as tmp:
-        write_search_artifacts(Path(tmp), frame, summary, task.baseline_metrics, title, task.score)
-        tracker.log_artifacts(parent_id, Path(tmp), "pareto")
-    tracker.set_tags(parent_id, {NOTE_TAG: run_note(name, summary, task, status)})
-    tracker.finish(parent_id, status)
-
-
-#: MLflow shows this tag as a run's description, to everyone who opens the run.
-NOTE_TAG = "mlflow.note.content"
-
-
 def _run_tags(config: SearchConfig, task: Task) -> dict[str, str]:
     """Tags of the parent and of every trial run."""
     import json
@@ -485,77 +588,6 @@ def _run_tags(config: SearchConfig, task: Task) -> dict[str, str]:
         "dataset": task.spec.data_label,
         TAG_SCORE: json.dumps(task.score.to_dict()),
     }
-
-
-def run_note(name: str, summary: SearchSummary, task: Task, status: str) -> str:
-    """The parent run's description (Markdown): what was searched, the baseline, the knee and
-    the front, and how to export."""
-    score = task.score
-    m = task.baseline_metrics
-    s = summary.metrics
-    lines = [
-        f"**{name}**: {task.spec.model_label} on {task.spec.data_label}, "
-        f"{int(s['trials_finished'])} trials finished, {int(s['trials_failed'])} failed "
-        f"({status.lower()}).",
-        "",
-        f"Dense baseline: validation {score.name} {m[score.column]:.4f}, "
-        f"{human_count(m['params'])} params, {human_count(m['macs'])} MACs.",
-    ]
-    if summary.knee is not None:
-        k = summary.knee
-        lines += [
-            "",
-            f"Knee: trial {int(k['trial']):04d}, validation {score.name} "
-            f"{k[score.column]:.4f}, {human_count(k['params'])} params "
-            f"({k.get('compression_ratio', float('nan')):.1f}x fewer), "
-            f"{human_count(k['macs'])} MACs. Export it with "
-            f"`tdsearch export --name {name} --select knee`.",
-        ]
-    if len(summary.front):
-        lines += [
-            "",
-            "Pareto front:",
-            "",
-            "```",
-            format_front(summary.front, m[score.column], score),
-            "```",
-        ]
-    return "\n".join(lines)
-
-
-def _print_summary(
-    outcome: SearchOutcome, task: Task, elapsed: float, log: Callable[[str], None]
-) -> None:
-    m = task.baseline_metrics
-    s = outcome.summary.metrics
-    score = task.score
-    log("")
-    log(
-        f"search {outcome.name} {'interrupted' if outcome.interrupted else 'finished'} in "
-        f"{elapsed / 60:.1f} min: {int(s['trials_finished'])} trials finished, "
-        f"{int(s['trials_failed'])} failed"
-    )
-    test = m.get(score.test_column)
-    log(
-        f"dense baseline: val {score.name} {m[score.column]:.4f}"
-        + (f", test {test:.4f}" if test is not None else "")
-        + f", {int(m['params'])} params, {int(m['macs'])} MACs"
-    )
-    if len(outcome.summary.front):
-        log(f"Pareto front (validation {score.name} vs params / MACs):")
-        log(format_front(outcome.summary.front, m[score.column], score))
-        if outcome.summary.knee is not None:
-            log(
-                f"knee: trial {int(outcome.summary.knee['trial']):04d} "
-                f"(tdsearch export --name {outcome.name} --select knee)"
-            )
-    log(
-        f"MLflow: experiment {outcome.experiment!r} at {outcome.tracking_uri}, parent run "
-        f"{outcome.parent_run_id} (run `mlflow ui` here, or `tdsearch ui`)"
-    )
-    log(f"Ray Tune state: {outcome.directory}")
-    if outcome.interrupted:
-        log(f"resume with: tdsearch --resume {outcome.name}")
 
 
 def _raise_if_all_failed(frame: pd.DataFrame) -> None:

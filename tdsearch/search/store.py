@@ -9,12 +9,15 @@ gets a numeric suffix, an explicit ``--name`` that exists is an error unless ``-
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from tdsearch.errors import UserError
+from tdsearch.mlflow.tracking import resolve_tracking_uri
 from tdsearch.utils import atomic_write_text
 
 STATE_FILE = "tdsearch.json"
@@ -36,6 +39,13 @@ class SearchState:
     #: what identifies the model (:meth:`ModelSource.fingerprint`), to refuse resuming a
     #: search with another one
     model_fingerprint: str | None = None
+    #: how trials are written as MLflow runs (:class:`~tdsearch.search.sync.RunLayout`)
+    run_layout: dict[str, Any] | None = None
+    #: the SQLite store's path relative to this directory, to find it again when the search
+    #: folder (with its store) was moved or copied
+    store_relative: str | None = None
+    #: trials whose runs the tracking server could not take by the end (``tdsearch sync``)
+    unwritten_trials: int = 0
 
     def save(self, directory: Path) -> None:
         atomic_write_text(directory / STATE_FILE, json.dumps(self.__dict__, indent=2) + "\n")
@@ -107,3 +117,39 @@ def resolve_name(storage: Path, name: str | None, base: str, resume: bool) -> tu
     while f"{base}-{k}" in taken:
         k += 1
     return f"{base}-{k}", False
+
+
+def locate_store(state: SearchState, directory: Path, override: str | None) -> str:
+    """The tracking store of a search being resumed from ``directory``.
+
+    ``--tracking-uri`` when given; else a SQLite store found where it lies relative to the
+    search folder (the folder and its store were moved or copied together: the copy resumes
+    against its own copy), else where it was; a server's address as recorded.
+
+    Raises:
+        UserError: a SQLite store found neither way (nothing is created).
+    """
+    if override is not None:
+        return resolve_tracking_uri(override)
+    recorded = state.tracking_uri
+    if not recorded.startswith("sqlite:///"):
+        return recorded
+    candidates = []
+    if state.store_relative:
+        candidates.append((directory / state.store_relative).resolve())
+    candidates.append(Path(urlparse(recorded).path))
+    for path in candidates:
+        if path.is_file():
+            return "sqlite:///" + str(path)
+    raise UserError(
+        f"the MLflow store of search {state.name} is not at {candidates[-1]} any more"
+        + (f" nor at {candidates[0]}" if len(candidates) > 1 else "")
+        + "; pass --tracking-uri to say where it is now"
+    )
+
+
+def store_relative(tracking_uri: str, directory: Path) -> str | None:
+    """A SQLite store's path relative to the search folder (None for other stores)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return os.path.relpath(urlparse(tracking_uri).path, directory)

@@ -84,14 +84,18 @@ class LayerRanks:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> LayerRanks:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"expected a mapping of format, ranks, ..., got {data!r}")
         unknown = set(data) - {"format", "ranks", "modes", "kappa"}
         if unknown:
             raise ValueError(
-                f"unknown keys {sorted(unknown)}; expected format, ranks, modes, kappa"
+                f"unknown keys {sorted(map(str, unknown))}; expected format, ranks, modes, kappa"
             )
         if "format" not in data:
             raise ValueError("missing 'format'")
         modes = data.get("modes")
+        if modes and not (isinstance(modes, list | tuple) and len(modes) == 2):
+            raise ValueError(f"modes must be [out factors, in factors], got {modes!r}")
         return cls(
             format=str(data["format"]),
             ranks=tuple(data.get("ranks") or ()),
@@ -165,7 +169,7 @@ class RankTable(Mapping[str, LayerRanks]):
         for name, entry in data["layers"].items():
             try:
                 layers.append((name, LayerRanks.from_dict(entry)))
-            except (ValueError, TypeError, IndexError) as err:
+            except (ValueError, TypeError, IndexError, OverflowError) as err:
                 raise ValueError(f"layer {name!r}: {err}") from err
         return cls(layers)
 
@@ -197,9 +201,19 @@ class RankTable(Mapping[str, LayerRanks]):
         if fmt == "json":
             return cls.from_dict(json.loads(text))
         if fmt == "yaml":
-            return cls.from_dict(yaml.safe_load(text))
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as err:
+                where = getattr(err, "problem_mark", None)
+                at = f" (line {where.line + 1})" if where is not None else ""
+                problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+                raise ValueError(f"the rank table does not parse as YAML{at}: {problem}") from None
+            return cls.from_dict(data)
         if fmt == "csv":
-            rows = list(csv.reader(io.StringIO(text)))
+            try:
+                rows = list(csv.reader(io.StringIO(text)))
+            except csv.Error as err:
+                raise ValueError(f"the rank table does not parse as CSV: {err}") from None
         elif fmt == "md":
             rows = [
                 [cell.strip() for cell in line.strip().strip("|").split("|")]

@@ -177,6 +177,73 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(workdir):
     assert not [c for c in children if c.info.status == "RUNNING"]
 
 
+def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.slow
+def test_a_moved_or_copied_search_resumes_against_the_store_beside_it(tmp_path, shared_cache):
+    """``mv s5 s5-moved && cd s5-moved && tdsearch --resume s5``: the search resumes against the
+    store it names relative to itself (artifacts included), never recreating the old place; a
+    copy resumes against its own copy; a store found nowhere is one line and exit code 2."""
+    project = tmp_path / "s5"
+    project.mkdir()
+    shutil.copy(HERE / "faulty.py", project / "faulty.py")
+    (project / "cache").symlink_to(shared_cache)
+    args = ["--budget", "3", "--method", "faulty:Slow", "--name", "s5"]
+    driver = start_slow_search(project, args)
+    os.killpg(driver.pid, signal.SIGINT)
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 130, out
+
+    copy, lost, moved = tmp_path / "s5-copy", tmp_path / "s5-lost", tmp_path / "s5-moved"
+    shutil.copytree(project, copy, symlinks=True)
+    shutil.copytree(project, lost, symlinks=True)
+    project.rename(moved)
+    (lost / "mlflow.db").unlink()
+    (lost / "mlflow.db.lock").unlink(missing_ok=True)
+
+    # neither the store beside it nor the recorded one exists: one line, nothing created
+    before = _snapshot(lost)
+    failed = run(lost, *args[:-2], "--resume", "s5")
+    assert failed.returncode == 2, failed.stdout + failed.stderr
+    assert len(failed.stderr.strip().splitlines()) == 1 and "--tracking-uri" in failed.stderr
+    assert _snapshot(lost) == before and not project.exists()
+
+    resumed = run(moved, *args[:-2], "--resume", "s5", env={"FAULTY_PAUSE": "0"})
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert not project.exists(), "the resume recreated the search's old place"
+    _, parent, children = search_runs(moved, "s5")
+    assert parent.info.status == "FINISHED"
+    assert len({c.data.tags["tdsearch.trial_id"] for c in finished(children)}) == 3
+    exported = subprocess.run(
+        [sys.executable, "-m", "tdsearch", "export", "--name", "s5", "--select", "min-params",
+         "--checkpoint", str(tmp_path / "model.pt")],
+        cwd=moved, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert exported.returncode == 0, exported.stderr
+    assert (tmp_path / "model.pt").is_file() and not project.exists()
+
+    moved_store = _snapshot(moved)
+    resumed = run(copy, *args[:-2], "--resume", "s5", env={"FAULTY_PAUSE": "0"})
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    _, parent, children = search_runs(copy, "s5")
+    assert parent.info.status == "FINISHED"
+    assert len({c.data.tags["tdsearch.trial_id"] for c in finished(children)}) == 3
+    assert _snapshot(moved) == moved_store, "the copy wrote into the original's store"
+
+    # --tracking-uri names the store: the lost copy resumes against it
+    shutil.copy(copy / "mlflow.db", tmp_path / "elsewhere.db")
+    resumed = run(lost, *args[:-2], "--resume", "s5", "--tracking-uri", "sqlite:///../elsewhere.db")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "already" in resumed.stdout + resumed.stderr or "finished" in resumed.stdout
+    assert not (lost / "mlflow.db").exists()
+
+
 @pytest.mark.slow
 def test_failing_trials_are_recorded_and_the_search_goes_on(workdir):
     result = run(workdir, "--budget", "10", "--method", "faulty:Mixed")
@@ -247,6 +314,46 @@ def test_twenty_trials_two_at_a_time_lose_nothing_on_sqlite(workdir):
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")]
         assert steps == [1, 2]
         assert {"params", "macs", "loss", "test_accuracy"} <= set(child.data.metrics)
+
+
+@pytest.mark.slow
+def test_two_searches_at_once_on_one_sqlite_file(workdir):
+    """Two drivers, two trials at a time each, one mlflow.db: every trial of both ends as
+    exactly one finished run under its own parent."""
+    procs = {
+        name: subprocess.Popen(
+            command(
+                "--budget",
+                "4",
+                "--concurrency",
+                "2",
+                "--epochs",
+                "2",
+                "--name",
+                name,
+                "--seed",
+                str(seed),
+                "--early-stopping",
+                "none",
+            ),
+            cwd=workdir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for seed, name in enumerate(("left", "right"))
+    }
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, out
+        assert "locked" not in out
+        client, parent, children = search_runs(workdir, name)
+        assert parent.info.status == "FINISHED"
+        ids = [c.data.tags["tdsearch.trial_id"] for c in children]
+        assert len(ids) == len(set(ids)) == len(finished(children)) == 4
+        for child in children:
+            history = client.get_metric_history(child.info.run_id, "val_accuracy")
+            assert sorted(m.step for m in history) == [1, 2]
 
 
 def _connect(path: str, queue) -> None:
