@@ -313,6 +313,23 @@ class Search:
         self.config = config.replace(name=outcome.name, resume=False)
         return self
 
+    def sync(self) -> int:
+        """Write the trial runs (and the front) that the tracking server could not take while
+        the search ran, from Ray Tune's record; returns how many runs changed
+        (``tdsearch sync NAME``; idempotent).
+
+        Raises:
+            UserError: the search has not run, or its tracking store cannot be reached.
+        """
+        from tdsearch.search.sync import sync_search
+
+        if self._name is None:
+            raise UserError("the search has not run yet: nothing to sync")
+        self._opened = None  # read the search back afresh after the sync
+        return sync_search(
+            self._name, self.config.storage_path, self.config.tracking_uri, log=self._log
+        )
+
     #: settings that may differ between runs of one search (where and how it runs)
     RUN_SETTINGS = frozenset(
         {
@@ -412,7 +429,7 @@ class Search:
         """The stored SearchState and a connected Tracker of its store, opened once per name
         (reading a search back calls this for every property)."""
         from tdsearch.mlflow.tracking import Tracker
-        from tdsearch.search.store import STATE_FILE, SearchState
+        from tdsearch.search.store import STATE_FILE, SearchState, locate_store
 
         directory = None if self._name is None else self.config.storage_path / self._name
         if directory is None or not (directory / STATE_FILE).is_file():
@@ -420,8 +437,9 @@ class Search:
         cached = self.__dict__.get("_opened")
         if cached is None or cached[0] != directory:
             state = SearchState.load(directory)
-            tracker = Tracker(state.tracking_uri, self.config.experiment)
-            tracker.connect()
+            uri = locate_store(state, directory, self.config.tracking_uri)
+            tracker = Tracker(uri, self.config.experiment)
+            tracker.connect(create=False)
             cached = self._opened = (directory, state, tracker)
         return cached[1], cached[2]
 

@@ -63,13 +63,18 @@ class DieOnce(Decompose):
 
 
 class Slow(Decompose):
-    """Decompose + fine-tune with a pause per epoch, so that tests can interrupt a trial."""
+    """Decompose + fine-tune with a pause per epoch, so that tests can interrupt a trial; while
+    the file ``FAULTY_GATE`` names exists, reports wait (at most two minutes)."""
 
     def run(self, task, trial, report):
         import time
 
         def slow_report(metrics, model, *, final=False):
             time.sleep(float(os.environ.get("FAULTY_PAUSE", "2")))
+            gate = os.environ.get("FAULTY_GATE")
+            deadline = time.monotonic() + 120
+            while gate and Path(gate).exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
             report(metrics, model, final=final)
 
         return super().run(task, trial, slow_report)
