@@ -160,6 +160,7 @@ def test_a_server_stopped_mid_search_gets_every_run_when_it_is_back(own_server, 
     # trials wait while the server starts, so that the search is still running when it is back
     (workdir / "gate").touch()
     own_server.start()
+    outage = time.monotonic() - down
     (workdir / "gate").unlink()
     out, _ = driver.communicate(timeout=900)
     assert driver.returncode == 0, out
@@ -174,7 +175,7 @@ def test_a_server_stopped_mid_search_gets_every_run_when_it_is_back(own_server, 
     assert_one_finished_run_per_trial(client, children, budget)
     assert client.list_artifacts(parent.info.run_id, "pareto")
     print(
-        f"outage of {time.monotonic() - down:.0f}+ s: {budget} trials, {match.group(1)} held and"
+        f"outage of {outage:.0f} s: {budget} trials, {match.group(1)} held and"
         f" written after the server came back, {budget - int(match.group(1))} written live,"
         " 0 duplicates"
     )
