@@ -20,7 +20,15 @@ from tdsearch.config import (
 from tdsearch.data import Data, ImageFolder
 from tdsearch.errors import UserError
 from tdsearch.scoring import Score
-from tdsearch.tensor import LayerRanks, RankTable, compress, count_flops, count_macs, count_params
+from tdsearch.tensor import (
+    LayerRanks,
+    RankTable,
+    compress,
+    count_flops,
+    count_macs,
+    count_params,
+    register_safe_layer,
+)
 
 __version__ = "0.1.0"
 
@@ -47,5 +55,6 @@ __all__ = [
     "create_search",
     "load_compressed",
     "load_search",
+    "register_safe_layer",
     "save_compressed",
 ]

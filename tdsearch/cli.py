@@ -495,12 +495,12 @@ def _cmd_sync(args: argparse.Namespace) -> int:
 
 def _cmd_layers(args: argparse.Namespace) -> int:
     from tdsearch.spaces.layers import default_layers
-    from tdsearch.task import open_model
+    from tdsearch.task import survey_model
     from tdsearch.tensor import largest_compressing_rank, make_spec
     from tdsearch.utils import format_table, human_count
 
     spec = _task_settings(args).task_spec()
-    _, infos, shape = open_model(spec)  # what the search builds its space from
+    _, infos, skipped, shape = survey_model(spec)  # what the search builds its space from
     searched = {i.name for i in default_layers(infos)}
     rows = []
     for info in infos:
@@ -512,7 +512,9 @@ def _cmd_layers(args: argparse.Namespace) -> int:
                 limits[fmt] = None
         rows.append(
             [
-                info.name + (" *" if info.name in searched else ""),
+                info.name
+                + (" *" if info.name in searched else "")
+                + (f" (= {', '.join(info.aliases)})" if info.aliases else ""),
                 info.kind,
                 "x".join(map(str, info.weight_shape)),
                 human_count(info.params),
@@ -535,6 +537,14 @@ def _cmd_layers(args: argparse.Namespace) -> int:
         "tt< etc.: the largest rank (all ranks equal) at which the format still has fewer "
         "weights than the dense layer; '-' = format does not apply"
     )
+    if skipped:
+        print(f"\n{len(skipped)} layer(s) with weights left dense:")
+        print(
+            format_table(
+                [[s.name, s.type_name, human_count(s.params), s.reason] for s in skipped],
+                ["layer", "type", "params", "why"],
+            )
+        )
     return 0
 
 

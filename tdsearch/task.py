@@ -29,7 +29,7 @@ from tdsearch.data import DataSource, ObjectData, TaskData, build_cached, resolv
 from tdsearch.errors import UserError
 from tdsearch.models import ModelSource, is_user_model, load_weights, resolve_model
 from tdsearch.scoring import ACCURACY, Score
-from tdsearch.tensor import LayerInfo, count_flops, count_params, decomposable_layers
+from tdsearch.tensor import LayerInfo, SkippedLayer, count_flops, count_params, survey
 from tdsearch.training import TrainSettings, default_device, evaluate, fit, seed_everything
 from tdsearch.utils import atomic_write
 
@@ -196,6 +196,14 @@ def open_model(
     """The model with the user's weights and its decomposable layers: what ``tdsearch
     layers`` / ``space`` show and what the search builds its space from. Without shapes, they
     come from the data source (a built-in dataset's are known without reading it)."""
+    model, layers, _, shape = survey_model(spec, input_shape, num_classes)
+    return model, layers, shape
+
+
+def survey_model(
+    spec: TaskSpec, input_shape: tuple[int, ...] | None = None, num_classes: int | None = None
+) -> tuple[nn.Module, list[LayerInfo], list[SkippedLayer], tuple[int, ...]]:
+    """:func:`open_model` and the layers with weights left dense, with the reason."""
     if input_shape is None:
         input_shape, num_classes = spec.data_source.shapes()
     model = spec.model_source.build(input_shape, num_classes)
@@ -204,7 +212,7 @@ def open_model(
         if note:
             print(f"tdsearch: {note}", file=sys.stderr)
     try:
-        layers = decomposable_layers(model, input_shape)  # one forward pass of a zero input
+        layers, skipped = survey(model, input_shape)  # one forward pass of a zero input
     except Exception as err:  # the user's model and data do not fit each other
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise UserError(
@@ -212,8 +220,12 @@ def open_model(
             f"from the data: {type(err).__name__}: {first}"[:400]
         ) from None
     if not layers:
-        raise UserError(f"model {spec.model_label} has no Conv2d or Linear layer to decompose")
-    return model, layers, tuple(input_shape)
+        why = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3])
+        raise UserError(
+            f"model {spec.model_label} has no layer tdsearch can decompose"
+            + (f" ({why})" if why else " (no Conv2d or Linear layer)")
+        )
+    return model, layers, skipped, tuple(input_shape)
 
 
 def open_task(spec: TaskSpec) -> OpenedTask:

@@ -2,6 +2,7 @@
 
 from tdsearch.tensor.compress import (
     LayerInfo,
+    SkippedLayer,
     check_table,
     compress,
     decomposable_layers,
@@ -10,6 +11,8 @@ from tdsearch.tensor.compress import (
     make_spec,
     rank_count,
     rank_limits,
+    replace_module,
+    survey,
     table_of,
 )
 from tdsearch.tensor.counting import (
@@ -19,6 +22,7 @@ from tdsearch.tensor.counting import (
     count_params,
     measure_latency,
 )
+from tdsearch.tensor.layers import register_safe_layer, skip_reason
 from tdsearch.tensor.rank_table import FORMATS, SERIALIZATIONS, LayerRanks, RankTable
 
 __all__ = [
@@ -27,6 +31,7 @@ __all__ = [
     "LayerInfo",
     "LayerRanks",
     "RankTable",
+    "SkippedLayer",
     "check_table",
     "compress",
     "count_flops",
@@ -40,5 +45,9 @@ __all__ = [
     "measure_latency",
     "rank_count",
     "rank_limits",
+    "register_safe_layer",
+    "replace_module",
+    "skip_reason",
+    "survey",
     "table_of",
 ]

@@ -12,7 +12,7 @@ from torch import nn
 from tdsearch.errors import UserError
 from tdsearch.tensor.counting import count_flops_by_layer
 from tdsearch.tensor.decompose import balanced_factors
-from tdsearch.tensor.layers import FactorizedLayer, class_for, layer_kind
+from tdsearch.tensor.layers import FactorizedLayer, class_for, layer_kind, skip_reason
 from tdsearch.tensor.layers._base import clamp_tt_ranks
 from tdsearch.tensor.rank_table import LayerRanks, RankTable
 
@@ -23,8 +23,9 @@ DEFAULT_TT_MATRIX_CORES = 3
 @dataclass(frozen=True)
 class LayerInfo:
     """A layer ``compress`` can replace: name, kind ("conv" / "linear"), weight shape,
-    parameters (weight and bias), MACs per input image, and the number of positions (pixels;
-    1 for a linear layer on a vector) it reads and writes per input image."""
+    parameters (weight and bias), MACs per input image (over all its calls), the number of
+    positions (pixels; 1 for a linear layer on a vector) it reads and writes per input image,
+    and the other names the same module has in the model (weight tying, an alias)."""
 
     name: str
     kind: str
@@ -33,49 +34,91 @@ class LayerInfo:
     macs: int
     positions_in: int = 1
     positions_out: int = 1
+    aliases: tuple[str, ...] = ()
 
     @property
     def weight_count(self) -> int:
         return math.prod(self.weight_shape)
 
 
-def decomposable_layers(model: nn.Module, input_shape: Sequence[int]) -> list[LayerInfo]:
-    """Every ``nn.Conv2d`` (groups 1, zero padding) and ``nn.Linear`` of ``model``, in order."""
-    candidates = {name: m for name, m in model.named_modules() if layer_kind(m) is not None}
-    positions: dict[str, tuple[int, int]] = {}
+@dataclass(frozen=True)
+class SkippedLayer:
+    """A layer with weights that tdsearch leaves dense, and why."""
 
-    def record(name: str):
+    name: str
+    type_name: str
+    params: int
+    reason: str
+
+
+def decomposable_layers(model: nn.Module, input_shape: Sequence[int]) -> list[LayerInfo]:
+    """Every layer of ``model`` that ``compress`` can replace, in order (see :func:`survey`)."""
+    return survey(model, input_shape)[0]
+
+
+def survey(
+    model: nn.Module, input_shape: Sequence[int]
+) -> tuple[list[LayerInfo], list[SkippedLayer]]:
+    """The layers ``compress`` can replace (``nn.Conv2d`` with groups 1, any padding mode;
+    ``nn.Linear``; plain classes or subclasses registered safe) and the layers with weights it
+    leaves dense, with the reason (:func:`~tdsearch.tensor.layers.skip_reason`; a layer its
+    model never calls in ``forward``, e.g. ``MultiheadAttention.out_proj``, whose weight the
+    parent reads directly). One forward pass of a zero input of ``input_shape``.
+
+    A module registered under several names is one entry (its first name, the others in
+    ``aliases``): it is compressed once and every name then points to the compact module.
+    """
+    names: dict[int, list[str]] = {}
+    modules: dict[int, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name:
+            names.setdefault(id(module), []).append(name)
+            modules[id(module)] = module
+    candidates = {key: m for key, m in modules.items() if layer_kind(m) is not None}
+    positions: dict[int, tuple[int, int]] = {}
+
+    def record(key: int):
         def hook(module: nn.Module, inputs, output) -> None:
             x = inputs[0]
-            positions[name] = (
+            positions[key] = (
                 x.numel() // (x.shape[0] * module.weight.shape[1]),
                 output.numel() // (output.shape[0] * module.weight.shape[0]),
             )
 
         return hook
 
-    handles = [m.register_forward_hook(record(n)) for n, m in candidates.items()]
+    handles = [m.register_forward_hook(record(key)) for key, m in candidates.items()]
     try:
         macs = count_flops_by_layer(model, input_shape)
     finally:
         for handle in handles:
             handle.remove()
-    layers = []
-    for name, module in candidates.items():
+    layers, skipped = [], []
+    for key, module in modules.items():
+        name, *aliases = names[key]
         params = sum(p.numel() for p in module.parameters(recurse=False))
-        p_in, p_out = positions.get(name, (1, 1))
+        reason = skip_reason(module)
+        if reason is None and key in candidates and key not in positions:
+            reason = "never called by the model's forward (its weight may be read directly)"
+        if reason is not None:
+            skipped.append(SkippedLayer(name, type(module).__name__, params, reason))
+            continue
+        if key not in candidates:
+            continue
+        p_in, p_out = positions[key]
         layers.append(
             LayerInfo(
                 name,
                 layer_kind(module),
                 tuple(module.weight.shape),
                 params,
-                macs.get(name, 0),
+                sum(macs.get(n, 0) for n in names[key]),
                 p_in,
                 p_out,
+                tuple(aliases),
             )
         )
-    return layers
+    return layers, skipped
 
 
 def make_spec(
@@ -199,6 +242,7 @@ def check_spec(info: LayerInfo, spec: LayerRanks) -> None:
 def check_table(model: nn.Module, table: RankTable) -> dict[str, LayerInfo]:
     """Check every entry of ``table`` against ``model``; return the infos of the named layers."""
     infos = {}
+    seen: dict[int, str] = {}  # one module under several names (an alias) is compressed once
     for name, spec in table.items():
         try:
             module = model.get_submodule(name)
@@ -206,10 +250,15 @@ def check_table(model: nn.Module, table: RankTable) -> dict[str, LayerInfo]:
             raise ValueError(f"layer {name!r} is not in the model") from None
         kind = layer_kind(module)
         if kind is None:
+            reason = skip_reason(module) or "only Conv2d (groups=1) and Linear layers can"
             raise ValueError(
-                f"layer {name!r} ({type(module).__name__}) cannot be decomposed; "
-                "only Conv2d (groups=1) and Linear layers can"
+                f"layer {name!r} ({type(module).__name__}) cannot be decomposed: {reason}"
             )
+        if id(module) in seen:
+            raise ValueError(
+                f"layers {seen[id(module)]!r} and {name!r} are one module; name it once"
+            )
+        seen[id(module)] = name
         info = LayerInfo(name, kind, tuple(module.weight.shape), 0, 0)
         try:
             check_spec(info, spec)
@@ -241,15 +290,24 @@ def compress(model: nn.Module, table: RankTable | Mapping, *, init: bool = True)
         check_table(model, table)
     except ValueError as err:
         raise UserError(str(err)) from None
-    out = copy.deepcopy(model)
+    out = copy.deepcopy(model)  # keeps aliases: one copied module under all its names
     for name, spec in table.items():
         if spec.format == "dense":
             continue
         layer = out.get_submodule(name)
         new = class_for(spec, layer_kind(layer)).from_dense(layer, spec, init=init)
         new.train(layer.training)
-        _set_submodule(out, name, new)
+        replace_module(out, name, new)
     return out
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of the submodule ``name`` under every name that module has in
+    ``model`` (weight tying, an alias), so that no name keeps the old module."""
+    old = model.get_submodule(name)
+    aliases = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n]
+    for alias in aliases or [name]:
+        _set_submodule(model, alias, new)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tdsearch.tensor import LayerRanks
+from tdsearch.tensor.compress import replace_module
 from tdsearch.tensor.layers import SVDLinear, Tucker2Conv2d
 from tdsearch.trainers._adaptive_ranks import AdaptedLayer
 
@@ -92,7 +93,7 @@ def drop_frozen_branches(model: nn.Module) -> nn.Module:
     """Replace every progressive layer by its adapter, in place: the pure low-rank model (the
     adapters' parameters are the same objects, so an optimiser over them keeps its state)."""
     for name, layer in progressive_layers(model).items():
-        model.set_submodule(name, layer.adapter, strict=True)
+        replace_module(model, name, layer.adapter)
     return model
 
 

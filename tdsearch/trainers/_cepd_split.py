@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tdsearch.tensor import RankTable, compress
+from tdsearch.tensor.compress import replace_module
 from tdsearch.tensor.layers import ConvGeometry, class_for, layer_class, layer_kind
 from tdsearch.tensor.rank_table import LayerRanks
 
@@ -100,7 +101,7 @@ def compact_model(model: nn.Module, table: RankTable) -> nn.Module:
     for name, spec in table.items():
         module = out.get_submodule(name)
         if isinstance(module, LowRankPlusSparse):
-            out.set_submodule(name, module.compact(spec))
+            replace_module(out, name, module.compact(spec))
         else:
             plain.append((name, spec))
     return compress(out, RankTable(plain))

@@ -31,6 +31,7 @@ from torch import nn
 from torch.func import functional_call
 
 from tdsearch.tensor import RankTable
+from tdsearch.tensor.compress import replace_module
 from tdsearch.tensor.layers import (
     FactorizedLayer,
     SVDConv2d,
@@ -296,7 +297,7 @@ def attach_masks(
         layer = model.get_submodule(name)
         if not isinstance(layer, FactorizedLayer):
             raise ValueError(f"layer {name!r} is {type(layer).__name__}, not a factorized layer")
-        _set_submodule(model, name, MaskedLayer(layer, alpha=alpha, generator=generator))
+        replace_module(model, name, MaskedLayer(layer, alpha=alpha, generator=generator))
     return MaskSet(model)
 
 
@@ -308,8 +309,3 @@ def compact_copy(model: nn.Module) -> nn.Module:
         if isinstance(module, MaskedLayer):
             sliced[id(module)] = module.sliced().train(module.training)
     return copy.deepcopy(model, memo=sliced)  # the memo puts each sliced layer in its place
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -28,6 +28,7 @@ from torch import nn
 from tdsearch.spaces import Dimension
 from tdsearch.task import Task
 from tdsearch.tensor import RankTable, check_table, count_flops, count_params, table_of
+from tdsearch.tensor.compress import replace_module
 from tdsearch.tensor.layers import layer_kind
 from tdsearch.trainers._adaptive_layers import (
     DECAY_SHAPES,
@@ -273,7 +274,7 @@ class AdaptiveTucker(Trainer):
             ranks = initial_ranks(layer.weight, threshold, self.options.min_rank, spec.ranks)
             wrapper = ProgressiveLayer.from_dense(layer, ranks)
             wrapper.train(layer.training)
-            model.set_submodule(name, wrapper, strict=True)
+            replace_module(model, name, wrapper)
             names.append(name)
         return names
 
@@ -296,7 +297,7 @@ class AdaptiveTucker(Trainer):
             if isinstance(module, ProgressiveLayer):
                 module.adapter = new
             else:
-                model.set_submodule(name, new, strict=True)
+                replace_module(model, name, new)
             if optimizer is not None:
                 _replace_parameters(optimizer, list(adapter.parameters()), list(new.parameters()))
 

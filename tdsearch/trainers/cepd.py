@@ -25,6 +25,7 @@ from torch import nn
 from tdsearch.spaces import Dimension
 from tdsearch.task import Task
 from tdsearch.tensor import LayerInfo, LayerRanks, RankTable, table_of
+from tdsearch.tensor.compress import replace_module
 from tdsearch.tensor.layers import class_for, keep_filters
 from tdsearch.trainers._admm import Admm, AdmmOptions, Block, admm_then_fine_tune, weight_block
 from tdsearch.trainers._base import Reporter, Trainer, TrialResult, TrialSpec, sampled_or_fixed
@@ -125,7 +126,7 @@ class Cepd(Trainer):
                 blocks.append(weight_block(name, layer, spec, group="lowrank"))
                 continue
             split = LowRankPlusSparse.split(layer, spec)
-            model.set_submodule(name, split)
+            replace_module(model, name, split)
             blocks += split_blocks(name, split, spec)
         admm = Admm(
             blocks,

@@ -18,13 +18,77 @@ from tdsearch.tensor.layers._tt_matrix import TTMatrixConv2d, TTMatrixLinear, tt
 from tdsearch.tensor.layers._tucker2 import Tucker2Conv2d
 from tdsearch.tensor.rank_table import LayerRanks
 
+#: Subclasses of ``nn.Conv2d`` / ``nn.Linear`` with a ``forward`` of their own that a user
+#: declared safe to replace (:func:`register_safe_layer`).
+_SAFE_SUBCLASSES: set[type[nn.Module]] = set()
+
+#: Layers with weights that tdsearch leaves dense, and why (the most specific class first).
+_NOT_YET = (
+    (nn.Conv1d, "Conv1d is not factorized yet"),
+    (nn.Conv3d, "Conv3d is not factorized yet"),
+    (nn.modules.conv._ConvTransposeNd, "transposed convolutions are not factorized"),
+    (nn.LSTM, "LSTM weights are not factorized yet"),
+    (nn.GRU, "GRU weights are not factorized yet"),
+    (nn.RNNBase, "recurrent weights are not factorized yet"),
+    (nn.Embedding, "embeddings are not factorized yet"),
+    (nn.EmbeddingBag, "embeddings are not factorized yet"),
+    (nn.Bilinear, "bilinear layers are not factorized"),
+    (nn.MultiheadAttention, "attention projections are not factorized yet"),
+)
+
+
+def register_safe_layer(cls: type[nn.Module]) -> type[nn.Module]:
+    """Declare that ``cls``, a subclass of ``nn.Conv2d`` or ``nn.Linear`` with its own
+    ``forward``, computes exactly what its base class computes (e.g. a forward that only adds a
+    hook or a log line), so that tdsearch may replace it by a factorized layer. Without this,
+    such a layer is left dense: its forward may pad, quantize or reshape in ways a factorized
+    layer would not reproduce. Usable as a class decorator; returns ``cls``.
+
+    Raises:
+        TypeError: ``cls`` is not a subclass of ``nn.Conv2d`` or ``nn.Linear``.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Conv2d | nn.Linear)):
+        raise TypeError(f"{cls!r} is not a subclass of nn.Conv2d or nn.Linear")
+    _SAFE_SUBCLASSES.add(cls)
+    return cls
+
+
+def _own_forward(layer: nn.Module, base: type[nn.Module]) -> bool:
+    return type(layer).forward is not base.forward and type(layer) not in _SAFE_SUBCLASSES
+
+
+def skip_reason(layer: nn.Module) -> str | None:
+    """Why tdsearch leaves a layer that has weights dense, or None when it can factorize it
+    (or the layer has no weight matrix to factorize: norms, activations, containers)."""
+    if isinstance(layer, nn.Conv2d):
+        if _own_forward(layer, nn.Conv2d):
+            return (
+                f"{type(layer).__name__} overrides Conv2d.forward (tdsearch.register_safe_layer"
+                " declares it a plain convolution)"
+            )
+        if layer.groups > 1 and layer.groups == layer.in_channels:
+            return "depthwise convolution: no channel rank to cut"
+        if layer.groups > 1:
+            return f"grouped convolution (groups={layer.groups}) is not factorized yet"
+        return None
+    if isinstance(layer, nn.Linear):
+        if _own_forward(layer, nn.Linear):
+            return (
+                f"{type(layer).__name__} overrides Linear.forward (tdsearch.register_safe_layer"
+                " declares it a plain linear layer)"
+            )
+        return None
+    for cls, reason in _NOT_YET:
+        if isinstance(layer, cls):
+            return reason
+    return None
+
 
 def layer_kind(layer: nn.Module) -> str | None:
-    """ "conv" or "linear" for a layer tdsearch can factorize, else None."""
-    if isinstance(layer, nn.Conv2d) and layer.groups == 1 and layer.padding_mode == "zeros":
-        return "conv"
-    if isinstance(layer, nn.Linear):
-        return "linear"
+    """ "conv" or "linear" for a layer tdsearch can factorize, else None (see
+    :func:`skip_reason`)."""
+    if isinstance(layer, nn.Conv2d | nn.Linear) and skip_reason(layer) is None:
+        return "conv" if isinstance(layer, nn.Conv2d) else "linear"
     return None
 
 
@@ -53,6 +117,8 @@ __all__ = [
     "keep_filters",
     "layer_class",
     "layer_kind",
+    "register_safe_layer",
+    "skip_reason",
     "tt_matrix_apply",
     "tt_rank_limits",
 ]

@@ -26,11 +26,15 @@ class ConvGeometry:
     padding: tuple[int, int] | str
     dilation: tuple[int, int]
     bias: bool
+    #: "zeros", "reflect", "replicate" or "circular": padding copies or zeroes pixels, which
+    #: commutes with the bias-free 1x1 convs before the spatial one, so every format applies
+    #: the layer's padding in its spatial conv and still equals the dense layer
+    padding_mode: str = "zeros"
 
     @classmethod
     def of(cls, conv: nn.Conv2d) -> ConvGeometry:
-        if conv.groups != 1 or conv.padding_mode != "zeros":
-            raise ValueError("only convolutions with groups=1 and zero padding can be factorized")
+        if conv.groups != 1:
+            raise ValueError("only convolutions with groups=1 can be factorized")
         return cls(
             conv.in_channels,
             conv.out_channels,
@@ -39,6 +43,7 @@ class ConvGeometry:
             conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
             tuple(conv.dilation),
             conv.bias is not None,
+            conv.padding_mode,
         )
 
     @property
@@ -50,7 +55,14 @@ class ConvGeometry:
         """A conv of this geometry (``spatial``) or a 1x1 conv, between the given channels."""
         if spatial:
             return nn.Conv2d(
-                in_ch, out_ch, self.kernel_size, self.stride, self.padding, self.dilation, bias=bias
+                in_ch,
+                out_ch,
+                self.kernel_size,
+                self.stride,
+                self.padding,
+                self.dilation,
+                bias=bias,
+                padding_mode=self.padding_mode,
             )
         return nn.Conv2d(in_ch, out_ch, 1, bias=bias)
 
