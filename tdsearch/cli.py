@@ -515,7 +515,7 @@ def _cmd_layers(args: argparse.Namespace) -> int:
                 info.name
                 + (" *" if info.name in searched else "")
                 + (f" (= {', '.join(info.aliases)})" if info.aliases else ""),
-                info.kind,
+                info.module_type or info.kind,
                 "x".join(map(str, info.weight_shape)),
                 human_count(info.params),
                 human_count(info.macs),
@@ -529,7 +529,7 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     print(
         format_table(
             rows,
-            ["layer", "kind", "weight", "params", "MACs", "tt<", "tt-matrix<", "tucker2<", "svd<"],
+            ["layer", "type", "weight", "params", "MACs", "tt<", "tt-matrix<", "tucker2<", "svd<"],
         )
     )
     print("* searched by default (all but the first conv and the last linear layer)")

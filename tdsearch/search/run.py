@@ -104,6 +104,13 @@ def build_search_space(
     config: SearchConfig, trainer: Trainer, layers: list[LayerInfo]
 ) -> SearchSpace:
     bounds = {k: (int(v[0]), int(v[1])) for k, v in config.rank_bounds.items()}
+    selected = select_layers(layers, config.layers, config.exclude_layers)
+    conv1d = [i.name for i in selected if i.module_type == "Conv1d"]
+    if conv1d and not trainer.conv1d:
+        raise UserError(
+            f"{config.space.method_name} does not factorize Conv1d layers yet "
+            f"({', '.join(conv1d[:5])}); leave them out with --exclude-layers"
+        )
     conv_format = trainer.conv_format(config.format)
     return build_space(
         layers,
@@ -112,7 +119,7 @@ def build_search_space(
         linear_format=trainer.linear_format(config.linear_format, conv_format),
         method_dims=[
             *trainer.search_dimensions(),
-            *trainer.layer_dimensions(select_layers(layers, config.layers, config.exclude_layers)),
+            *trainer.layer_dimensions(selected),
         ],
         selects_ranks=trainer.selects_ranks,
         include=config.layers,

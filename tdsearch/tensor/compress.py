@@ -12,7 +12,14 @@ from torch import nn
 from tdsearch.errors import UserError
 from tdsearch.tensor.counting import count_flops_by_layer
 from tdsearch.tensor.decompose import balanced_factors
-from tdsearch.tensor.layers import FactorizedLayer, class_for, layer_kind, skip_reason
+from tdsearch.tensor.layers import (
+    FactorizedLayer,
+    class_for,
+    class_of_layer,
+    layer_kind,
+    skip_reason,
+    weight_shape,
+)
 from tdsearch.tensor.layers._base import clamp_tt_ranks
 from tdsearch.tensor.rank_table import LayerRanks, RankTable
 
@@ -35,6 +42,8 @@ class LayerInfo:
     positions_in: int = 1
     positions_out: int = 1
     aliases: tuple[str, ...] = ()
+    #: the module's class name ("Conv2d", "Conv1d", "Linear", or a registered subclass)
+    module_type: str = ""
 
     @property
     def weight_count(self) -> int:
@@ -59,11 +68,12 @@ def decomposable_layers(model: nn.Module, input_shape: Sequence[int]) -> list[La
 def survey(
     model: nn.Module, input_shape: Sequence[int]
 ) -> tuple[list[LayerInfo], list[SkippedLayer]]:
-    """The layers ``compress`` can replace (``nn.Conv2d`` with groups 1, any padding mode;
-    ``nn.Linear``; plain classes or subclasses registered safe) and the layers with weights it
-    leaves dense, with the reason (:func:`~tdsearch.tensor.layers.skip_reason`; a layer its
-    model never calls in ``forward``, e.g. ``MultiheadAttention.out_proj``, whose weight the
-    parent reads directly). One forward pass of a zero input of ``input_shape``.
+    """The layers ``compress`` can replace (``nn.Conv2d`` and ``nn.Conv1d`` with groups 1, any
+    padding mode; ``nn.Linear``; plain classes or subclasses registered safe) and the layers
+    with weights it leaves dense, with the reason
+    (:func:`~tdsearch.tensor.layers.skip_reason`; a layer its model never calls in
+    ``forward``, e.g. ``MultiheadAttention.out_proj``, whose weight the parent reads
+    directly). One forward pass of a zero input of ``input_shape``.
 
     A module registered under several names is one entry (its first name, the others in
     ``aliases``): it is compressed once and every name then points to the compact module.
@@ -110,12 +120,13 @@ def survey(
             LayerInfo(
                 name,
                 layer_kind(module),
-                tuple(module.weight.shape),
+                weight_shape(module),
                 params,
                 sum(macs.get(n, 0) for n in names[key]),
                 p_in,
                 p_out,
                 tuple(aliases),
+                type(module).__name__,
             )
         )
     return layers, skipped
@@ -259,7 +270,7 @@ def check_table(model: nn.Module, table: RankTable) -> dict[str, LayerInfo]:
                 f"layers {seen[id(module)]!r} and {name!r} are one module; name it once"
             )
         seen[id(module)] = name
-        info = LayerInfo(name, kind, tuple(module.weight.shape), 0, 0)
+        info = LayerInfo(name, kind, weight_shape(module), 0, 0)
         try:
             check_spec(info, spec)
         except ValueError as err:
@@ -295,7 +306,7 @@ def compress(model: nn.Module, table: RankTable | Mapping, *, init: bool = True)
         if spec.format == "dense":
             continue
         layer = out.get_submodule(name)
-        new = class_for(spec, layer_kind(layer)).from_dense(layer, spec, init=init)
+        new = class_of_layer(spec, layer).from_dense(layer, spec, init=init)
         new.train(layer.training)
         replace_module(out, name, new)
     return out

@@ -28,7 +28,7 @@ from torch import nn
 from tdsearch.spaces import Dimension
 from tdsearch.task import Task
 from tdsearch.tensor import LayerRanks, RankTable, compress, count_flops, count_params
-from tdsearch.tensor.layers import class_for, layer_kind
+from tdsearch.tensor.layers import class_of_layer
 from tdsearch.trainers._base import Reporter, TrialSpec, measure, sampled_or_fixed
 from tdsearch.trainers._fine_tune import fine_tune
 from tdsearch.training import (
@@ -186,7 +186,7 @@ def weight_block(name: str, layer: nn.Module, spec: LayerRanks, group: str = "we
     """The ADMM-TT block of one conv / linear layer: x = its weight, Π = the truncation to
     ``spec``'s ranks of the format's own layer class (TT-SVD for tt / tt-matrix, Algorithm 1;
     truncated HOSVD for tucker2; truncated SVD for svd)."""
-    cls = class_for(spec, layer_kind(layer))
+    cls = class_of_layer(spec, layer)
     return Block.start(name, layer.weight, functools.partial(cls.project, spec=spec), group)
 
 

@@ -33,6 +33,7 @@ from torch.func import functional_call
 from tdsearch.tensor import RankTable
 from tdsearch.tensor.compress import replace_module
 from tdsearch.tensor.layers import (
+    Conv1dFactorized,
     FactorizedLayer,
     SVDConv2d,
     SVDLinear,
@@ -246,7 +247,11 @@ class MaskSet:
     """All MARS masks of one model, and the prior terms of the objective (eq. 6)."""
 
     def __init__(self, model: nn.Module):
-        self.layers = {name: m for name, m in model.named_modules() if isinstance(m, MaskedLayer)}
+        self.layers = {
+            _layer_name(model, name): m
+            for name, m in model.named_modules()
+            if isinstance(m, MaskedLayer)
+        }
 
     def logits(self) -> list[nn.Parameter]:
         return [p for layer in self.layers.values() for p in layer.logits]
@@ -297,6 +302,9 @@ def attach_masks(
         layer = model.get_submodule(name)
         if not isinstance(layer, FactorizedLayer):
             raise ValueError(f"layer {name!r} is {type(layer).__name__}, not a factorized layer")
+        if isinstance(layer, Conv1dFactorized):  # mask the 2-D layer inside the adapter
+            layer.inner = MaskedLayer(layer.inner, alpha=alpha, generator=generator)
+            continue
         replace_module(model, name, MaskedLayer(layer, alpha=alpha, generator=generator))
     return MaskSet(model)
 
@@ -309,3 +317,11 @@ def compact_copy(model: nn.Module) -> nn.Module:
         if isinstance(module, MaskedLayer):
             sliced[id(module)] = module.sliced().train(module.training)
     return copy.deepcopy(model, memo=sliced)  # the memo puts each sliced layer in its place
+
+
+def _layer_name(model: nn.Module, name: str) -> str:
+    """The model's name of the layer a mask belongs to (a Conv1d's, not its adapter's inner)."""
+    parent, _, child = name.rpartition(".")
+    if child == "inner" and isinstance(model.get_submodule(parent), Conv1dFactorized):
+        return parent
+    return name

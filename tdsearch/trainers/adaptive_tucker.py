@@ -151,6 +151,7 @@ class AdaptiveTucker(Trainer):
     """
 
     name = "adaptive-tucker"
+    conv1d = False  # its training-time layers are 2-D only
     options_class = AdaptiveTuckerOptions
     selects_ranks = True
 

@@ -75,6 +75,7 @@ class Cepd(Trainer):
     and ``kept_filters.<layer>``."""
 
     name = "cepd"
+    conv1d = False  # its training-time layers are 2-D only
     options_class = CepdOptions
 
     def search_dimensions(self) -> list[Dimension]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from tdsearch.tensor.layers._base import ConvGeometry, FactorizedLayer, tt_rank_limits
+from tdsearch.tensor.layers._conv1d import Conv1dFactorized, shape_2d
 from tdsearch.tensor.layers._lowrank_sparse import (
     LowRankSparseConv2d,
     LowRankSparseLinear,
@@ -24,7 +25,6 @@ _SAFE_SUBCLASSES: set[type[nn.Module]] = set()
 
 #: Layers with weights that tdsearch leaves dense, and why (the most specific class first).
 _NOT_YET = (
-    (nn.Conv1d, "Conv1d is not factorized yet"),
     (nn.Conv3d, "Conv3d is not factorized yet"),
     (nn.modules.conv._ConvTransposeNd, "transposed convolutions are not factorized"),
     (nn.LSTM, "LSTM weights are not factorized yet"),
@@ -38,17 +38,17 @@ _NOT_YET = (
 
 
 def register_safe_layer(cls: type[nn.Module]) -> type[nn.Module]:
-    """Declare that ``cls``, a subclass of ``nn.Conv2d`` or ``nn.Linear`` with its own
-    ``forward``, computes exactly what its base class computes (e.g. a forward that only adds a
-    hook or a log line), so that tdsearch may replace it by a factorized layer. Without this,
-    such a layer is left dense: its forward may pad, quantize or reshape in ways a factorized
-    layer would not reproduce. Usable as a class decorator; returns ``cls``.
+    """Declare that ``cls``, a subclass of ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Linear`` with
+    its own ``forward``, computes exactly what its base class computes (e.g. a forward that
+    only adds a hook or a log line), so that tdsearch may replace it by a factorized layer.
+    Without this, such a layer is left dense: its forward may pad, quantize or reshape in ways
+    a factorized layer would not reproduce. Usable as a class decorator; returns ``cls``.
 
     Raises:
         TypeError: ``cls`` is not a subclass of ``nn.Conv2d`` or ``nn.Linear``.
     """
-    if not (isinstance(cls, type) and issubclass(cls, nn.Conv2d | nn.Linear)):
-        raise TypeError(f"{cls!r} is not a subclass of nn.Conv2d or nn.Linear")
+    if not (isinstance(cls, type) and issubclass(cls, nn.Conv1d | nn.Conv2d | nn.Linear)):
+        raise TypeError(f"{cls!r} is not a subclass of nn.Conv1d, nn.Conv2d or nn.Linear")
     _SAFE_SUBCLASSES.add(cls)
     return cls
 
@@ -60,11 +60,12 @@ def _own_forward(layer: nn.Module, base: type[nn.Module]) -> bool:
 def skip_reason(layer: nn.Module) -> str | None:
     """Why tdsearch leaves a layer that has weights dense, or None when it can factorize it
     (or the layer has no weight matrix to factorize: norms, activations, containers)."""
-    if isinstance(layer, nn.Conv2d):
-        if _own_forward(layer, nn.Conv2d):
+    if isinstance(layer, nn.Conv1d | nn.Conv2d):
+        base = nn.Conv1d if isinstance(layer, nn.Conv1d) else nn.Conv2d
+        if _own_forward(layer, base):
             return (
-                f"{type(layer).__name__} overrides Conv2d.forward (tdsearch.register_safe_layer"
-                " declares it a plain convolution)"
+                f"{type(layer).__name__} overrides {base.__name__}.forward (tdsearch."
+                "register_safe_layer declares it a plain convolution)"
             )
         if layer.groups > 1 and layer.groups == layer.in_channels:
             return "depthwise convolution: no channel rank to cut"
@@ -85,11 +86,26 @@ def skip_reason(layer: nn.Module) -> str | None:
 
 
 def layer_kind(layer: nn.Module) -> str | None:
-    """ "conv" or "linear" for a layer tdsearch can factorize, else None (see
+    """ "conv" (Conv2d, Conv1d) or "linear" for a layer tdsearch can factorize, else None (see
     :func:`skip_reason`)."""
-    if isinstance(layer, nn.Conv2d | nn.Linear) and skip_reason(layer) is None:
-        return "conv" if isinstance(layer, nn.Conv2d) else "linear"
+    if isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Linear) and skip_reason(layer) is None:
+        return "linear" if isinstance(layer, nn.Linear) else "conv"
     return None
+
+
+def weight_shape(layer: nn.Module) -> tuple[int, ...]:
+    """The layer's weight shape as the formats see it: a Conv1d's (O, I, k) as (O, I, 1, k)."""
+    return (
+        shape_2d(layer.weight.shape) if isinstance(layer, nn.Conv1d) else tuple(layer.weight.shape)
+    )
+
+
+def class_of_layer(spec: LayerRanks, layer: nn.Module) -> type[FactorizedLayer]:
+    """The class that factorizes this very layer in ``spec``'s format (a Conv1d's adapter)."""
+    if isinstance(layer, nn.Conv1d):
+        class_for(spec, "conv")  # the format must apply to convolutions
+        return Conv1dFactorized
+    return class_for(spec, layer_kind(layer))
 
 
 def class_for(spec: LayerRanks, kind: str) -> type[FactorizedLayer]:
@@ -102,6 +118,7 @@ def class_for(spec: LayerRanks, kind: str) -> type[FactorizedLayer]:
 
 __all__ = [
     "LAYER_CLASSES",
+    "Conv1dFactorized",
     "ConvGeometry",
     "FactorizedLayer",
     "LowRankSparseConv2d",
@@ -113,6 +130,7 @@ __all__ = [
     "TTMatrixLinear",
     "Tucker2Conv2d",
     "class_for",
+    "class_of_layer",
     "filter_norms",
     "keep_filters",
     "layer_class",
@@ -121,4 +139,5 @@ __all__ = [
     "skip_reason",
     "tt_matrix_apply",
     "tt_rank_limits",
+    "weight_shape",
 ]
