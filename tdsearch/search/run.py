@@ -105,12 +105,16 @@ def build_search_space(
 ) -> SearchSpace:
     bounds = {k: (int(v[0]), int(v[1])) for k, v in config.rank_bounds.items()}
     selected = select_layers(layers, config.layers, config.exclude_layers)
-    conv1d = [i.name for i in selected if i.module_type == "Conv1d"]
-    if conv1d and not trainer.conv1d:
-        raise UserError(
-            f"{config.space.method_name} does not factorize Conv1d layers yet "
-            f"({', '.join(conv1d[:5])}); leave them out with --exclude-layers"
-        )
+    for kind, test in (
+        ("Conv1d", lambda i: i.module_type == "Conv1d"),
+        ("grouped conv", lambda i: i.groups > 1),
+    ):
+        names = [i.name for i in selected if test(i)]
+        if names and kind in trainer.unsupported_layers:
+            raise UserError(
+                f"{config.space.method_name} does not factorize {kind} layers yet "
+                f"({', '.join(names[:5])}); leave them out with --exclude-layers"
+            )
     conv_format = trainer.conv_format(config.format)
     return build_space(
         layers,

@@ -44,6 +44,8 @@ class LayerInfo:
     aliases: tuple[str, ...] = ()
     #: the module's class name ("Conv2d", "Conv1d", "Linear", or a registered subclass)
     module_type: str = ""
+    #: a conv's groups: the weight is (O, I / groups, kh, kw), each group factorized alone
+    groups: int = 1
 
     @property
     def weight_count(self) -> int:
@@ -90,8 +92,9 @@ def survey(
     def record(key: int):
         def hook(module: nn.Module, inputs, output) -> None:
             x = inputs[0]
+            channels = getattr(module, "in_channels", module.weight.shape[1])  # all groups'
             positions[key] = (
-                x.numel() // (x.shape[0] * module.weight.shape[1]),
+                x.numel() // (x.shape[0] * channels),
                 output.numel() // (output.shape[0] * module.weight.shape[0]),
             )
 
@@ -127,6 +130,7 @@ def survey(
                 p_out,
                 tuple(aliases),
                 type(module).__name__,
+                getattr(module, "groups", 1),
             )
         )
     return layers, skipped
@@ -151,6 +155,11 @@ def make_spec(
     return LayerRanks(format, tuple(ranks), modes, kappa)
 
 
+def info_class(info: LayerInfo, spec: LayerRanks) -> type[FactorizedLayer]:
+    """The class that stores this layer in ``spec``'s format (for counting and limits)."""
+    return class_for(spec, info.kind, info.groups)
+
+
 def rank_count(info: LayerInfo, spec: LayerRanks) -> int:
     """How many inner ranks ``spec``'s format has on this layer."""
     if spec.format == "tt-matrix":
@@ -162,8 +171,8 @@ def rank_count(info: LayerInfo, spec: LayerRanks) -> int:
 def tt_mode_sizes(info: LayerInfo, spec: LayerRanks) -> tuple[int, ...] | None:
     """Mode sizes of the tensor a TT format decomposes (None for non-TT formats)."""
     shape = info.weight_shape
-    if spec.format == "tt":
-        return shape[0], shape[2] * shape[3], shape[1]
+    if spec.format == "tt":  # one group's kernel (O / groups, K², I / groups)
+        return shape[0] // info.groups, shape[2] * shape[3], shape[1]
     if spec.format == "tt-matrix":
         pairs = tuple(o * i for o, i in zip(*spec.modes, strict=True))
         return (shape[2] * shape[3], *pairs) if info.kind == "conv" else pairs
@@ -172,7 +181,7 @@ def tt_mode_sizes(info: LayerInfo, spec: LayerRanks) -> tuple[int, ...] | None:
 
 def rank_limits(info: LayerInfo, spec: LayerRanks) -> tuple[int, ...]:
     """Per rank position, the full (non-redundant) rank of this layer in ``spec``'s format."""
-    return class_for(spec, info.kind).rank_limits(info.weight_shape, spec)
+    return info_class(info, spec).rank_limits(info.weight_shape, spec)
 
 
 def feasible_ranks(info: LayerInfo, spec: LayerRanks, ranks: Sequence[int]) -> tuple[int, ...]:
@@ -184,11 +193,11 @@ def feasible_ranks(info: LayerInfo, spec: LayerRanks, ranks: Sequence[int]) -> t
 
 
 def factorized_weight_params(info: LayerInfo, spec: LayerRanks) -> int:
-    return class_for(spec, info.kind).weight_params(info.weight_shape, spec)
+    return info_class(info, spec).weight_params(info.weight_shape, spec)
 
 
 def factorized_weight_macs(info: LayerInfo, spec: LayerRanks) -> int:
-    return class_for(spec, info.kind).weight_macs(
+    return info_class(info, spec).weight_macs(
         info.weight_shape, spec, info.positions_in, info.positions_out
     )
 
@@ -220,7 +229,7 @@ def check_spec(info: LayerInfo, spec: LayerRanks) -> None:
     """Raise ``ValueError`` with a sentence if ``spec`` cannot be applied to this layer."""
     if spec.format == "dense":
         return
-    class_for(spec, info.kind)
+    info_class(info, spec)
     if spec.format == "tt-matrix":
         out, inp = spec.modes
         if math.prod(out) != info.weight_shape[0] or math.prod(inp) != info.weight_shape[1]:
@@ -270,7 +279,9 @@ def check_table(model: nn.Module, table: RankTable) -> dict[str, LayerInfo]:
                 f"layers {seen[id(module)]!r} and {name!r} are one module; name it once"
             )
         seen[id(module)] = name
-        info = LayerInfo(name, kind, weight_shape(module), 0, 0)
+        info = LayerInfo(
+            name, kind, weight_shape(module), 0, 0, groups=getattr(module, "groups", 1)
+        )
         try:
             check_spec(info, spec)
         except ValueError as err:

@@ -86,8 +86,9 @@ class Trainer(abc.ABC):
     name: ClassVar[str]
     options_class: ClassVar[type] = NoOptions
     selects_ranks: ClassVar[bool] = False
-    #: whether the method factorizes Conv1d layers (as 2-D convs over a height of 1)
-    conv1d: ClassVar[bool] = True
+    #: kinds of layer the method does not factorize ("Conv1d", "grouped conv"): a search
+    #: that selects one is refused before it starts
+    unsupported_layers: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, options: Any | None = None):
         self.options = options if options is not None else self.options_class()

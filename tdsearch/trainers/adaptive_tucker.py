@@ -151,7 +151,8 @@ class AdaptiveTucker(Trainer):
     """
 
     name = "adaptive-tucker"
-    conv1d = False  # its training-time layers are 2-D only
+    #: its training-time layers are plain 2-D convs
+    unsupported_layers = frozenset({"Conv1d", "grouped conv"})
     options_class = AdaptiveTuckerOptions
     selects_ranks = True
 

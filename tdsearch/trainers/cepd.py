@@ -75,7 +75,8 @@ class Cepd(Trainer):
     and ``kept_filters.<layer>``."""
 
     name = "cepd"
-    conv1d = False  # its training-time layers are 2-D only
+    #: its training-time layers are plain 2-D convs
+    unsupported_layers = frozenset({"Conv1d", "grouped conv"})
     options_class = CepdOptions
 
     def search_dimensions(self) -> list[Dimension]:

@@ -126,6 +126,7 @@ class Mars(Trainer):
     """
 
     name = "mars"
+    unsupported_layers = frozenset({"grouped conv"})  # masks know one-group layers
     options_class = MarsOptions
     selects_ranks = True
 

@@ -133,6 +133,7 @@ def test_layer_infos_carry_params_and_macs():
     lenet = build_model("lenet5", (1, 28, 28), 10)
     infos = {i.name: i for i in decomposable_layers(lenet, (1, 28, 28))}
     assert infos["conv2"] == LayerInfo(
-        "conv2", "conv", (50, 20, 5, 5), 25_050, 50 * 20 * 25 * 64, 12 * 12, 8 * 8
-    )
+        "conv2", "conv", (50, 20, 5, 5), 25_050, 50 * 20 * 25 * 64, 12 * 12, 8 * 8,
+        module_type="Conv2d",
+    )  # fmt: skip
     assert infos["fc1"].macs == 400_000

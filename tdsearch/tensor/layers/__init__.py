@@ -6,6 +6,7 @@ from torch import nn
 
 from tdsearch.tensor.layers._base import ConvGeometry, FactorizedLayer, tt_rank_limits
 from tdsearch.tensor.layers._conv1d import Conv1dFactorized, shape_2d
+from tdsearch.tensor.layers._grouped import GroupedConvFactorized, grouped_class
 from tdsearch.tensor.layers._lowrank_sparse import (
     LowRankSparseConv2d,
     LowRankSparseLinear,
@@ -69,8 +70,8 @@ def skip_reason(layer: nn.Module) -> str | None:
             )
         if layer.groups > 1 and layer.groups == layer.in_channels:
             return "depthwise convolution: no channel rank to cut"
-        if layer.groups > 1:
-            return f"grouped convolution (groups={layer.groups}) is not factorized yet"
+        if layer.groups > 1 and isinstance(layer, nn.Conv1d):
+            return f"grouped Conv1d (groups={layer.groups}) is not factorized yet"
         return None
     if isinstance(layer, nn.Linear):
         if _own_forward(layer, nn.Linear):
@@ -101,15 +102,21 @@ def weight_shape(layer: nn.Module) -> tuple[int, ...]:
 
 
 def class_of_layer(spec: LayerRanks, layer: nn.Module) -> type[FactorizedLayer]:
-    """The class that factorizes this very layer in ``spec``'s format (a Conv1d's adapter)."""
+    """The class that factorizes this very layer in ``spec``'s format (a Conv1d's adapter, a
+    grouped conv's stacked chain)."""
     if isinstance(layer, nn.Conv1d):
         class_for(spec, "conv")  # the format must apply to convolutions
         return Conv1dFactorized
-    return class_for(spec, layer_kind(layer))
+    return class_for(spec, layer_kind(layer), getattr(layer, "groups", 1))
 
 
-def class_for(spec: LayerRanks, kind: str) -> type[FactorizedLayer]:
-    """The layer class that realises ``spec`` on a ``kind`` layer (L+S when it has a κ)."""
+def class_for(spec: LayerRanks, kind: str, groups: int = 1) -> type[FactorizedLayer]:
+    """The layer class that realises ``spec`` on a ``kind`` layer (L+S when it has a κ; the
+    stacked chain of a conv with ``groups`` > 1)."""
+    if groups > 1:
+        if spec.kappa is not None:
+            raise ValueError("low-rank + sparse does not apply to a grouped convolution")
+        return grouped_class(spec.format, groups)
     if spec.kappa is not None:
         layer_class(spec.format, kind)  # the low-rank part must exist for this kind
         return LowRankSparseConv2d if kind == "conv" else LowRankSparseLinear
@@ -121,6 +128,7 @@ __all__ = [
     "Conv1dFactorized",
     "ConvGeometry",
     "FactorizedLayer",
+    "GroupedConvFactorized",
     "LowRankSparseConv2d",
     "LowRankSparseLinear",
     "SVDConv2d",
