@@ -108,6 +108,7 @@ def build_search_space(
     for kind, test in (
         ("Conv1d", lambda i: i.module_type == "Conv1d"),
         ("grouped conv", lambda i: i.groups > 1),
+        ("Embedding", lambda i: i.kind == "embedding"),
     ):
         names = [i.name for i in selected if test(i)]
         if names and kind in trainer.unsupported_layers:

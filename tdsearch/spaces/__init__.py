@@ -38,6 +38,8 @@ LINEAR_FORMATS = ("svd", "tt-matrix")
 def layer_format(kind: str, conv_format: str, linear_format: str | None = None) -> str:
     if kind == "conv":
         return conv_format
+    if kind == "embedding":  # the TT-embedding (Khrulkov et al. 2019), the only format
+        return "tt-matrix"
     return linear_format or LINEAR_FORMAT[conv_format]
 
 

@@ -16,11 +16,13 @@ from tdsearch.tensor.layers import (
     FactorizedLayer,
     class_for,
     class_of_layer,
+    embedding_modes,
     layer_kind,
     skip_reason,
     weight_shape,
 )
 from tdsearch.tensor.layers._base import clamp_tt_ranks
+from tdsearch.tensor.layers._tt_embedding import check_embedding_modes
 from tdsearch.tensor.rank_table import LayerRanks, RankTable
 
 #: Cores of a default TT-matrix factorisation (Garipov et al. use 3-4 for FC layers).
@@ -92,6 +94,10 @@ def survey(
     def record(key: int):
         def hook(module: nn.Module, inputs, output) -> None:
             x = inputs[0]
+            if isinstance(module, nn.Embedding):  # positions: tokens looked up per sample
+                tokens = x.numel() // x.shape[0] if x.ndim > 1 else 1
+                positions[key] = (tokens, tokens)
+                return
             channels = getattr(module, "in_channels", module.weight.shape[1])  # all groups'
             positions[key] = (
                 x.numel() // (x.shape[0] * channels),
@@ -147,7 +153,9 @@ def make_spec(
 ) -> LayerRanks:
     """A :class:`LayerRanks` for ``info``; for tt-matrix the modes default to a balanced
     ``cores``-way factorisation of the layer's output and input sizes."""
-    if format == "tt-matrix" and modes is None:
+    if format == "tt-matrix" and modes is None and info.kind == "embedding":
+        modes = embedding_modes(info.weight_shape[0], info.weight_shape[1], cores)
+    elif format == "tt-matrix" and modes is None:
         modes = (
             balanced_factors(info.weight_shape[0], cores),
             balanced_factors(info.weight_shape[1], cores),
@@ -213,6 +221,8 @@ def largest_compressing_rank(info: LayerInfo, spec: LayerRanks) -> int:
     """
     n = rank_count(info, spec)
     dense_macs = info.weight_count * info.positions_out
+    if info.kind == "embedding":  # a lookup has no MACs; the TT contraction's are small
+        dense_macs = math.inf
     best = 0
     for r in range(1, max(rank_limits(info, spec)) + 1):
         trial = LayerRanks(spec.format, feasible_ranks(info, spec, [r] * n), spec.modes, spec.kappa)
@@ -230,7 +240,9 @@ def check_spec(info: LayerInfo, spec: LayerRanks) -> None:
     if spec.format == "dense":
         return
     info_class(info, spec)
-    if spec.format == "tt-matrix":
+    if spec.format == "tt-matrix" and info.kind == "embedding":
+        check_embedding_modes(info.weight_shape, spec)
+    elif spec.format == "tt-matrix":
         out, inp = spec.modes
         if math.prod(out) != info.weight_shape[0] or math.prod(inp) != info.weight_shape[1]:
             raise ValueError(

@@ -20,18 +20,37 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def probe_dtypes(model: nn.Module) -> list[torch.dtype]:
+    """Input dtypes to try for a forward pass from a shape alone: the model's float dtype, then
+    token indices (int64) when it has an embedding (a text model takes indices)."""
+    param = next(model.parameters(), None)
+    dtypes = [param.dtype if param is not None else torch.float32]
+    if any(
+        isinstance(m, nn.Embedding | nn.EmbeddingBag) or getattr(m, "kind", "") == "embedding"
+        for m in model.modules()
+    ):
+        dtypes.append(torch.int64)
+    return dtypes
+
+
 def _counted(model: nn.Module, input_shape: Sequence[int]) -> FlopCounterMode:
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None else torch.float32
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, *input_shape, device=device, dtype=dtype))
+        dtypes = probe_dtypes(model)
+        for k, dtype in enumerate(dtypes):
+            try:
+                with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                    model(torch.zeros(1, *input_shape, device=device, dtype=dtype))
+                return counter
+            except (RuntimeError, TypeError, IndexError):
+                if k == len(dtypes) - 1:
+                    raise
     finally:
         model.train(was_training)
-    return counter
+    raise AssertionError("unreachable")
 
 
 def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
@@ -74,6 +93,12 @@ def measure_latency(
     was_training = model.training
     model.eval()
     x = torch.randn(batch_size, *input_shape, device=device)
+    if torch.int64 in probe_dtypes(model):  # token indices: the first token of the vocabulary
+        try:
+            with torch.inference_mode():
+                model(x)
+        except (RuntimeError, TypeError, IndexError):
+            x = torch.zeros(batch_size, *input_shape, device=device, dtype=torch.int64)
     times = []
     with torch.inference_mode():
         for i in range(warmup + repeats):

@@ -38,6 +38,7 @@ from tdsearch.tensor.layers import (
     SVDConv2d,
     SVDLinear,
     TTConv2d,
+    TTEmbedding,
     TTMatrixConv2d,
     TTMatrixLinear,
     Tucker2Conv2d,
@@ -113,7 +114,7 @@ def rank_slots(layer: FactorizedLayer) -> tuple[RankSlot, ...]:
         return _chain_slots()
     if isinstance(layer, SVDLinear | SVDConv2d):
         return (RankSlot(("first.weight", 0), (("first.weight", 0), ("last.weight", 1))),)
-    if isinstance(layer, TTMatrixLinear):
+    if isinstance(layer, TTMatrixLinear | TTEmbedding):
         return tuple(_tt_matrix_slots(len(layer.cores), 0))
     if isinstance(layer, TTMatrixConv2d):
         spatial = RankSlot(("spatial.weight", 0), (("spatial.weight", 0), ("cores.0", 0)))

@@ -152,7 +152,7 @@ class AdaptiveTucker(Trainer):
 
     name = "adaptive-tucker"
     #: its training-time layers are plain 2-D convs
-    unsupported_layers = frozenset({"Conv1d", "grouped conv"})
+    unsupported_layers = frozenset({"Conv1d", "grouped conv", "Embedding"})
     options_class = AdaptiveTuckerOptions
     selects_ranks = True
 

@@ -16,6 +16,7 @@ from tdsearch.tensor.layers._lowrank_sparse import (
 from tdsearch.tensor.layers._registry import LAYER_CLASSES, layer_class
 from tdsearch.tensor.layers._svd import SVDConv2d, SVDLinear
 from tdsearch.tensor.layers._tt_conv import TTConv2d
+from tdsearch.tensor.layers._tt_embedding import TTEmbedding, embedding_modes
 from tdsearch.tensor.layers._tt_matrix import TTMatrixConv2d, TTMatrixLinear, tt_matrix_apply
 from tdsearch.tensor.layers._tucker2 import Tucker2Conv2d
 from tdsearch.tensor.rank_table import LayerRanks
@@ -31,8 +32,7 @@ _NOT_YET = (
     (nn.LSTM, "LSTM weights are not factorized yet"),
     (nn.GRU, "GRU weights are not factorized yet"),
     (nn.RNNBase, "recurrent weights are not factorized yet"),
-    (nn.Embedding, "embeddings are not factorized yet"),
-    (nn.EmbeddingBag, "embeddings are not factorized yet"),
+    (nn.EmbeddingBag, "EmbeddingBag is not factorized yet"),
     (nn.Bilinear, "bilinear layers are not factorized"),
     (nn.MultiheadAttention, "attention projections are not factorized yet"),
 )
@@ -73,6 +73,14 @@ def skip_reason(layer: nn.Module) -> str | None:
         if layer.groups > 1 and isinstance(layer, nn.Conv1d):
             return f"grouped Conv1d (groups={layer.groups}) is not factorized yet"
         return None
+    if isinstance(layer, nn.Embedding):
+        if type(layer).forward is not nn.Embedding.forward:
+            return f"{type(layer).__name__} overrides Embedding.forward"
+        if layer.max_norm is not None:
+            return "max_norm renormalises rows in place; a TT-embedding has no rows to rescale"
+        if layer.sparse:
+            return "sparse gradients do not apply to a TT-embedding's cores"
+        return None
     if isinstance(layer, nn.Linear):
         if _own_forward(layer, nn.Linear):
             return (
@@ -87,11 +95,15 @@ def skip_reason(layer: nn.Module) -> str | None:
 
 
 def layer_kind(layer: nn.Module) -> str | None:
-    """ "conv" (Conv2d, Conv1d) or "linear" for a layer tdsearch can factorize, else None (see
-    :func:`skip_reason`)."""
-    if isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Linear) and skip_reason(layer) is None:
-        return "linear" if isinstance(layer, nn.Linear) else "conv"
-    return None
+    """ "conv" (Conv2d, Conv1d), "linear" or "embedding" for a layer tdsearch can factorize,
+    else None (see :func:`skip_reason`)."""
+    if not isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Linear | nn.Embedding):
+        return None
+    if skip_reason(layer) is not None:
+        return None
+    if isinstance(layer, nn.Embedding):
+        return "embedding"
+    return "linear" if isinstance(layer, nn.Linear) else "conv"
 
 
 def weight_shape(layer: nn.Module) -> tuple[int, ...]:
@@ -134,11 +146,13 @@ __all__ = [
     "SVDConv2d",
     "SVDLinear",
     "TTConv2d",
+    "TTEmbedding",
     "TTMatrixConv2d",
     "TTMatrixLinear",
     "Tucker2Conv2d",
     "class_for",
     "class_of_layer",
+    "embedding_modes",
     "filter_norms",
     "keep_filters",
     "layer_class",

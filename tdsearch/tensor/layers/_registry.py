@@ -5,17 +5,26 @@ from __future__ import annotations
 from tdsearch.tensor.layers._base import FactorizedLayer
 from tdsearch.tensor.layers._svd import SVDConv2d, SVDLinear
 from tdsearch.tensor.layers._tt_conv import TTConv2d
+from tdsearch.tensor.layers._tt_embedding import TTEmbedding
 from tdsearch.tensor.layers._tt_matrix import TTMatrixConv2d, TTMatrixLinear
 from tdsearch.tensor.layers._tucker2 import Tucker2Conv2d
 
 LAYER_CLASSES: dict[tuple[str, str], type[FactorizedLayer]] = {
     (cls.format, cls.kind): cls
-    for cls in (TTConv2d, TTMatrixConv2d, TTMatrixLinear, Tucker2Conv2d, SVDConv2d, SVDLinear)
+    for cls in (
+        TTConv2d,
+        TTMatrixConv2d,
+        TTMatrixLinear,
+        Tucker2Conv2d,
+        SVDConv2d,
+        SVDLinear,
+        TTEmbedding,
+    )
 }
 
 
 def layer_class(format: str, kind: str) -> type[FactorizedLayer]:
-    """The class that stores a ``kind`` ("conv" / "linear") layer in ``format``."""
+    """The class that stores a ``kind`` ("conv" / "linear" / "embedding") layer in ``format``."""
     try:
         return LAYER_CLASSES[(format, kind)]
     except KeyError:
