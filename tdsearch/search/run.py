@@ -109,6 +109,7 @@ def build_search_space(
         ("Conv1d", lambda i: i.module_type == "Conv1d"),
         ("grouped conv", lambda i: i.groups > 1),
         ("Embedding", lambda i: i.kind == "embedding"),
+        ("LSTM/GRU", lambda i: i.kind == "recurrent"),
     ):
         names = [i.name for i in selected if test(i)]
         if names and kind in trainer.unsupported_layers:

@@ -22,6 +22,7 @@ from tdsearch.tensor.layers import (
     weight_shape,
 )
 from tdsearch.tensor.layers._base import clamp_tt_ranks
+from tdsearch.tensor.layers._recurrent import matrix_shapes
 from tdsearch.tensor.layers._tt_embedding import check_embedding_modes
 from tdsearch.tensor.rank_table import LayerRanks, RankTable
 
@@ -51,6 +52,8 @@ class LayerInfo:
 
     @property
     def weight_count(self) -> int:
+        if self.kind == "recurrent":  # every weight matrix of the LSTM / GRU
+            return sum(r * c for r, c in matrix_shapes(self.weight_shape))
         return math.prod(self.weight_shape)
 
 
@@ -97,6 +100,10 @@ def survey(
             if isinstance(module, nn.Embedding):  # positions: tokens looked up per sample
                 tokens = x.numel() // x.shape[0] if x.ndim > 1 else 1
                 positions[key] = (tokens, tokens)
+                return
+            if isinstance(module, nn.LSTM | nn.GRU):  # positions: time steps per sample
+                steps = x.shape[1 if module.batch_first else 0] if x.ndim == 3 else x.shape[0]
+                positions[key] = (steps, steps)
                 return
             channels = getattr(module, "in_channels", module.weight.shape[1])  # all groups'
             positions[key] = (
@@ -153,7 +160,10 @@ def make_spec(
 ) -> LayerRanks:
     """A :class:`LayerRanks` for ``info``; for tt-matrix the modes default to a balanced
     ``cores``-way factorisation of the layer's output and input sizes."""
-    if format == "tt-matrix" and modes is None and info.kind == "embedding":
+    if format == "tt-matrix" and modes is None and info.kind == "recurrent":
+        gates, hidden, inputs = info.weight_shape[:3]  # the first input-to-hidden matrix's
+        modes = (balanced_factors(gates * hidden, cores), balanced_factors(inputs, cores))
+    elif format == "tt-matrix" and modes is None and info.kind == "embedding":
         modes = embedding_modes(info.weight_shape[0], info.weight_shape[1], cores)
     elif format == "tt-matrix" and modes is None:
         modes = (
@@ -179,6 +189,8 @@ def rank_count(info: LayerInfo, spec: LayerRanks) -> int:
 def tt_mode_sizes(info: LayerInfo, spec: LayerRanks) -> tuple[int, ...] | None:
     """Mode sizes of the tensor a TT format decomposes (None for non-TT formats)."""
     shape = info.weight_shape
+    if info.kind == "recurrent":
+        return None  # each matrix caps the ranks itself
     if spec.format == "tt":  # one group's kernel (O / groups, K², I / groups)
         return shape[0] // info.groups, shape[2] * shape[3], shape[1]
     if spec.format == "tt-matrix":
@@ -242,7 +254,7 @@ def check_spec(info: LayerInfo, spec: LayerRanks) -> None:
     info_class(info, spec)
     if spec.format == "tt-matrix" and info.kind == "embedding":
         check_embedding_modes(info.weight_shape, spec)
-    elif spec.format == "tt-matrix":
+    elif spec.format == "tt-matrix" and info.kind != "recurrent":  # recurrent: per matrix
         out, inp = spec.modes
         if math.prod(out) != info.weight_shape[0] or math.prod(inp) != info.weight_shape[1]:
             raise ValueError(

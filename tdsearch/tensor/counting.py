@@ -33,30 +33,64 @@ def probe_dtypes(model: nn.Module) -> list[torch.dtype]:
     return dtypes
 
 
-def _counted(model: nn.Module, input_shape: Sequence[int]) -> FlopCounterMode:
+def _counted(model: nn.Module, input_shape: Sequence[int]) -> tuple[FlopCounterMode, dict]:
+    """The flop counter after one forward pass of a zero input, and the MACs of the dense LSTM
+    / GRU modules, by name, that the counter does not see (PyTorch's fused recurrent op)."""
+    from tdsearch.tensor.layers import recurrent_macs
+
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
+    recurrent: dict[str, int] = {}
+
+    def record(name: str):
+        def hook(module, inputs, output) -> None:
+            x = inputs[0]
+            if isinstance(x, torch.Tensor):
+                steps = x.shape[1 if module.batch_first else 0] if x.ndim == 3 else x.shape[0]
+                recurrent[name] = recurrent.get(name, 0) + recurrent_macs(module, steps)
+
+        return hook
+
+    handles = [
+        m.register_forward_hook(record(n))
+        for n, m in model.named_modules()
+        if type(m) in (nn.LSTM, nn.GRU)
+    ]
     was_training = model.training
     model.eval()
     try:
         dtypes = probe_dtypes(model)
         for k, dtype in enumerate(dtypes):
+            recurrent.clear()
             try:
                 with torch.no_grad(), FlopCounterMode(display=False) as counter:
                     model(torch.zeros(1, *input_shape, device=device, dtype=dtype))
-                return counter
+                # the counter sees a GRU's (and, on some devices, an LSTM's) matrix products:
+                # count by hand only the modules it saw nothing of
+                counts = counter.get_flop_counts()
+                root = type(model).__name__
+                unseen = {
+                    name: macs
+                    for name, macs in recurrent.items()
+                    if not sum(counts.get(f"{root}.{name}" if name else root, {}).values())
+                }
+                return counter, unseen
             except (RuntimeError, TypeError, IndexError):
                 if k == len(dtypes) - 1:
                     raise
     finally:
         model.train(was_training)
+        for handle in handles:
+            handle.remove()
     raise AssertionError("unreachable")
 
 
 def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
     """Multiply-accumulates of one forward pass on one input of shape ``input_shape`` (e.g.
-    (C, H, W), without the batch dimension)."""
-    return _counted(model, input_shape).get_total_flops() // 2
+    (C, H, W), without the batch dimension); a dense LSTM / GRU counts one multiply-add per
+    weight per time step (the counter cannot see PyTorch's fused recurrent op)."""
+    counter, recurrent = _counted(model, input_shape)
+    return counter.get_total_flops() // 2 + sum(recurrent.values())
 
 
 #: The earlier name of :func:`count_macs` (it always counted multiply-accumulates).
@@ -65,12 +99,14 @@ count_flops = count_macs
 
 def count_flops_by_layer(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
     """MACs per submodule, keyed by its qualified name (``layer1.0.conv1``)."""
-    counts = _counted(model, input_shape).get_flop_counts()
+    counter, recurrent = _counted(model, input_shape)
+    counts = counter.get_flop_counts()
     root = type(model).__name__
-    out = {}
+    out = dict(recurrent)
     for key, ops in counts.items():
         if key.startswith(root + "."):
-            out[key[len(root) + 1 :]] = sum(ops.values()) // 2
+            name = key[len(root) + 1 :]
+            out[name] = out.get(name, 0) + sum(ops.values()) // 2
     return out
 
 

@@ -152,7 +152,7 @@ class AdaptiveTucker(Trainer):
 
     name = "adaptive-tucker"
     #: its training-time layers are plain 2-D convs
-    unsupported_layers = frozenset({"Conv1d", "grouped conv", "Embedding"})
+    unsupported_layers = frozenset({"Conv1d", "grouped conv", "Embedding", "LSTM/GRU"})
     options_class = AdaptiveTuckerOptions
     selects_ranks = True
 

@@ -44,6 +44,8 @@ class AdmmTT(Trainer):
     the compact model (with ``decomposition_error``)."""
 
     name = "admm-tt"
+    #: ADMM projects one weight per layer; an LSTM / GRU has several
+    unsupported_layers = frozenset({"LSTM/GRU"})
     options_class = AdmmOptions
     #: conv formats whose projection this method uses; other requests get the first one.
     conv_formats: ClassVar[tuple[str, ...]] = ("tt", "tt-matrix")

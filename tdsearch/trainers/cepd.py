@@ -76,7 +76,7 @@ class Cepd(Trainer):
 
     name = "cepd"
     #: its training-time layers are plain 2-D convs
-    unsupported_layers = frozenset({"Conv1d", "grouped conv", "Embedding"})
+    unsupported_layers = frozenset({"Conv1d", "grouped conv", "Embedding", "LSTM/GRU"})
     options_class = CepdOptions
 
     def search_dimensions(self) -> list[Dimension]:

@@ -126,7 +126,7 @@ class Mars(Trainer):
     """
 
     name = "mars"
-    unsupported_layers = frozenset({"grouped conv"})  # masks know one-group layers
+    unsupported_layers = frozenset({"grouped conv", "LSTM/GRU"})  # masks know single layers
     options_class = MarsOptions
     selects_ranks = True
 

@@ -1,15 +1,13 @@
 """TT-embedding (Khrulkov et al. 2019): an nn.Embedding's table as a TT-matrix, rows looked
 up without building it; equal at full rank, counted as the flop counter counts, projected for
-ADMM, masked by MARS, reloaded, and searched in an embedding + LSTM text classifier."""
+ADMM, masked by MARS, reloaded (searched with an LSTM in tests/tensor/test_recurrent.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
-import tdsearch
 from tdsearch.tensor import LayerRanks, RankTable, compress, count_macs, count_params, survey
 from tdsearch.tensor.compress import (
     factorized_weight_macs,
@@ -41,15 +39,14 @@ def test_modes_cover_the_vocabulary_and_pad_a_prime_one():
     assert vocab == (11, 11, 11) and dims == (4, 4, 4)
 
 
-def test_the_text_model_compresses_its_embedding_and_says_why_not_its_lstm():
+def test_the_text_model_compresses_its_embedding_and_its_lstm():
     layers, skipped = survey(TextClassifier(), (12,))
     assert [(x.name, x.kind, x.positions_out) for x in layers] == [
         ("embedding", "embedding", 12),
+        ("lstm", "recurrent", 12),
         ("fc", "linear", 1),
     ]
-    assert [(s.name, s.reason) for s in skipped] == [
-        ("lstm", "LSTM weights are not factorized yet")
-    ]
+    assert not skipped
     assert largest_compressing_rank(layers[0], make_spec(layers[0], "tt-matrix")) > 0
 
 
@@ -106,28 +103,3 @@ def test_mars_masks_the_tt_embedding_ranks():
     masks = attach_masks(compact, table, alpha=3.0, generator=torch.Generator().manual_seed(0))
     assert list(masks.layers) == ["embedding"]
     assert compact(torch.randint(0, 1009, (2, 12))).shape == (2, 5)
-
-
-def test_a_search_compresses_the_embedding_of_a_text_classifier(tmp_path):
-    torch.manual_seed(0)
-    tokens = torch.randint(1, 1009, (96, 12))
-    labels = tokens[:, 0] % 5  # the class is in the first token
-    train = TensorDataset(tokens[:64], labels[:64])
-    val = TensorDataset(tokens[64:], labels[64:])
-    search = tdsearch.create_search(
-        model=TextClassifier(),
-        data=(train, val),
-        name="text",
-        storage=tmp_path / "runs",
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-        layers=["embedding"],
-        epochs=1,
-        baseline_epochs=2,
-        early_stopping="none",
-        log=None,
-    )
-    search.optimize(budget=2)
-    assert (search.trials["status"] == "FINISHED").all()
-    choice = search.select("min-params")
-    assert isinstance(choice.model.embedding, TTEmbedding)
-    assert count_params(choice.model) < count_params(TextClassifier()) / 2

@@ -13,6 +13,7 @@ from tdsearch.tensor.layers._lowrank_sparse import (
     filter_norms,
     keep_filters,
 )
+from tdsearch.tensor.layers._recurrent import FactorizedRecurrent, recurrent_macs, recurrent_shape
 from tdsearch.tensor.layers._registry import LAYER_CLASSES, layer_class
 from tdsearch.tensor.layers._svd import SVDConv2d, SVDLinear
 from tdsearch.tensor.layers._tt_conv import TTConv2d
@@ -29,9 +30,7 @@ _SAFE_SUBCLASSES: set[type[nn.Module]] = set()
 _NOT_YET = (
     (nn.Conv3d, "Conv3d is not factorized yet"),
     (nn.modules.conv._ConvTransposeNd, "transposed convolutions are not factorized"),
-    (nn.LSTM, "LSTM weights are not factorized yet"),
-    (nn.GRU, "GRU weights are not factorized yet"),
-    (nn.RNNBase, "recurrent weights are not factorized yet"),
+    (nn.RNN, "plain (tanh / ReLU) RNN weights are not factorized yet"),
     (nn.EmbeddingBag, "EmbeddingBag is not factorized yet"),
     (nn.Bilinear, "bilinear layers are not factorized"),
     (nn.MultiheadAttention, "attention projections are not factorized yet"),
@@ -73,6 +72,13 @@ def skip_reason(layer: nn.Module) -> str | None:
         if layer.groups > 1 and isinstance(layer, nn.Conv1d):
             return f"grouped Conv1d (groups={layer.groups}) is not factorized yet"
         return None
+    if isinstance(layer, nn.LSTM | nn.GRU):
+        base = nn.LSTM if isinstance(layer, nn.LSTM) else nn.GRU
+        if type(layer).forward is not base.forward:
+            return f"{type(layer).__name__} overrides {base.__name__}.forward"
+        if getattr(layer, "proj_size", 0):
+            return "an LSTM with proj_size is not factorized yet"
+        return None
     if isinstance(layer, nn.Embedding):
         if type(layer).forward is not nn.Embedding.forward:
             return f"{type(layer).__name__} overrides Embedding.forward"
@@ -95,19 +101,24 @@ def skip_reason(layer: nn.Module) -> str | None:
 
 
 def layer_kind(layer: nn.Module) -> str | None:
-    """ "conv" (Conv2d, Conv1d), "linear" or "embedding" for a layer tdsearch can factorize,
-    else None (see :func:`skip_reason`)."""
-    if not isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Linear | nn.Embedding):
+    """ "conv" (Conv2d, Conv1d), "linear", "embedding" or "recurrent" (LSTM, GRU) for a layer
+    tdsearch can factorize, else None (see :func:`skip_reason`)."""
+    if not isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Linear | nn.Embedding | nn.LSTM | nn.GRU):
         return None
     if skip_reason(layer) is not None:
         return None
     if isinstance(layer, nn.Embedding):
         return "embedding"
+    if isinstance(layer, nn.LSTM | nn.GRU):
+        return "recurrent"
     return "linear" if isinstance(layer, nn.Linear) else "conv"
 
 
 def weight_shape(layer: nn.Module) -> tuple[int, ...]:
-    """The layer's weight shape as the formats see it: a Conv1d's (O, I, k) as (O, I, 1, k)."""
+    """The layer's weight shape as the formats see it: a Conv1d's (O, I, k) as (O, I, 1, k);
+    an LSTM's / GRU's (gates, hidden, input, layers, directions)."""
+    if isinstance(layer, nn.LSTM | nn.GRU):
+        return recurrent_shape(layer)
     return (
         shape_2d(layer.weight.shape) if isinstance(layer, nn.Conv1d) else tuple(layer.weight.shape)
     )
@@ -140,6 +151,7 @@ __all__ = [
     "Conv1dFactorized",
     "ConvGeometry",
     "FactorizedLayer",
+    "FactorizedRecurrent",
     "GroupedConvFactorized",
     "LowRankSparseConv2d",
     "LowRankSparseLinear",
@@ -157,6 +169,7 @@ __all__ = [
     "keep_filters",
     "layer_class",
     "layer_kind",
+    "recurrent_macs",
     "register_safe_layer",
     "skip_reason",
     "tt_matrix_apply",

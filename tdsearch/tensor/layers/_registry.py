@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tdsearch.tensor.layers._base import FactorizedLayer
+from tdsearch.tensor.layers._recurrent import FactorizedRecurrent
 from tdsearch.tensor.layers._svd import SVDConv2d, SVDLinear
 from tdsearch.tensor.layers._tt_conv import TTConv2d
 from tdsearch.tensor.layers._tt_embedding import TTEmbedding
@@ -21,6 +22,9 @@ LAYER_CLASSES: dict[tuple[str, str], type[FactorizedLayer]] = {
         TTEmbedding,
     )
 }
+# the recurrent module takes its matrices' format (a property, not a class attribute)
+LAYER_CLASSES[("svd", "recurrent")] = FactorizedRecurrent
+LAYER_CLASSES[("tt-matrix", "recurrent")] = FactorizedRecurrent
 
 
 def layer_class(format: str, kind: str) -> type[FactorizedLayer]:

@@ -1,0 +1,233 @@
+"""nn.LSTM and nn.GRU with factorized weight matrices (ADMM-TT paper, Section 5.3: TT-matrix
+input-to-hidden weights of an LSTM; SVD as the simple alternative).
+
+Every weight matrix of the module (input-to-hidden W_ih (G·H, I_l) and hidden-to-hidden W_hh
+(G·H, H) of each layer l and direction; G = 4 gates for an LSTM, 3 for a GRU) becomes a
+factorized linear layer of the table entry's format, all at the entry's ranks (capped per
+matrix at what it can hold; a tt-matrix's modes are each matrix's balanced factors). PyTorch's
+fused recurrent kernel takes dense weights only, so the recurrence is written out here, with
+PyTorch's gate equations: the input projections of all time steps run as one matrix product,
+then one step per time step. At full rank the module equals the dense one.
+
+MACs: ``torch.utils.flop_counter`` does not count PyTorch's fused recurrent op, so tdsearch
+counts a dense LSTM / GRU itself (:func:`recurrent_macs`, one multiply-add per weight per time
+step, as for a linear layer); the factorized module's matrix products are counted as usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from tdsearch.tensor.decompose import balanced_factors
+from tdsearch.tensor.layers._base import FactorizedLayer
+from tdsearch.tensor.rank_table import LayerRanks
+
+GATES = {"LSTM": 4, "GRU": 3}
+
+
+def recurrent_shape(module: nn.LSTM | nn.GRU) -> tuple[int, int, int, int, int]:
+    """(gates, hidden, input, layers, directions): what the counting formulas need."""
+    return (
+        GATES[module.mode],
+        module.hidden_size,
+        module.input_size,
+        module.num_layers,
+        2 if module.bidirectional else 1,
+    )
+
+
+def matrix_shapes(shape: Sequence[int]) -> list[tuple[int, int]]:
+    """Every weight matrix of a recurrent module, (rows, columns), ih then hh per layer and
+    direction."""
+    gates, hidden, inputs, layers, directions = shape
+    out = []
+    for layer in range(layers):
+        columns = inputs if layer == 0 else hidden * directions
+        for _ in range(directions):
+            out += [(gates * hidden, columns), (gates * hidden, hidden)]
+    return out
+
+
+def recurrent_macs(module: nn.LSTM | nn.GRU, steps: int) -> int:
+    """Multiply-accumulates of one sample of ``steps`` time steps through the dense module."""
+    return steps * sum(r * c for r, c in matrix_shapes(recurrent_shape(module)))
+
+
+def _matrix_spec(spec: LayerRanks, rows: int, columns: int) -> LayerRanks:
+    """The table entry's ranks as one matrix takes them (capped; its own tt-matrix modes)."""
+    from tdsearch.tensor.layers._base import clamp_tt_ranks, tt_rank_limits
+
+    if spec.format == "svd":
+        return LayerRanks("svd", (min(spec.ranks[0], rows, columns),))
+    d = len(spec.modes[0]) if spec.modes else len(spec.ranks) + 1
+    modes = (balanced_factors(rows, d), balanced_factors(columns, d))
+    sizes = [o * i for o, i in zip(*modes, strict=True)]
+    limits = tt_rank_limits(sizes)
+    ranks = tuple(min(r, m) for r, m in zip(spec.ranks, limits, strict=True))
+    return LayerRanks("tt-matrix", clamp_tt_ranks(sizes, ranks), modes)
+
+
+def _linear_class(format: str) -> type[FactorizedLayer]:
+    from tdsearch.tensor.layers._registry import layer_class
+
+    return layer_class(format, "linear")
+
+
+class FactorizedRecurrent(FactorizedLayer):
+    """An LSTM or GRU whose weight matrices are factorized linear layers."""
+
+    kind = "recurrent"
+
+    def __init__(self, dense: nn.LSTM | nn.GRU, spec: LayerRanks, *, init: bool = True):
+        super().__init__()
+        self.mode = dense.mode
+        self.spec = spec
+        self.hidden_size = dense.hidden_size
+        self.num_layers = dense.num_layers
+        self.directions = 2 if dense.bidirectional else 1
+        self.batch_first = dense.batch_first
+        self.dropout = dense.dropout
+        linear = _linear_class(spec.format)
+        self.ih, self.hh = nn.ModuleList(), nn.ModuleList()
+        for layer in range(self.num_layers):
+            for direction in range(self.directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                for kind, store in (("ih", self.ih), ("hh", self.hh)):
+                    weight = getattr(dense, f"weight_{kind}{suffix}")
+                    bias = getattr(dense, f"bias_{kind}{suffix}", None)
+                    matrix = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+                    matrix = matrix.to(weight.device, weight.dtype)
+                    with torch.no_grad():
+                        matrix.weight.copy_(weight)
+                        if bias is not None:
+                            matrix.bias.copy_(bias)
+                    store.append(
+                        linear.from_dense(matrix, _matrix_spec(spec, *weight.shape), init=init)
+                    )
+
+    @property
+    def format(self) -> str:  # type: ignore[override]
+        return self.spec.format
+
+    def forward(self, x: torch.Tensor, hx=None):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"a factorized {self.mode} takes a padded tensor, not a packed one")
+        batched = x.ndim == 3
+        if not batched:
+            x = x.unsqueeze(1)
+        elif self.batch_first:
+            x = x.transpose(0, 1)
+        batch = x.shape[1]
+        states = self._initial(hx, batch, x, batched)
+        finals_h, finals_c = [], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(self.directions):
+                k = layer * self.directions + direction
+                h, c = states[0][k], (states[1][k] if self.mode == "LSTM" else None)
+                out, h, c = self._run(x, k, h, c, reverse=direction == 1)
+                outputs.append(out)
+                finals_h.append(h)
+                finals_c.append(c)
+            x = torch.cat(outputs, dim=-1) if self.directions == 2 else outputs[0]
+            if self.training and self.dropout and layer < self.num_layers - 1:
+                x = nn.functional.dropout(x, self.dropout, training=True)
+        h_n = torch.stack(finals_h)
+        output = x.transpose(0, 1) if batched and self.batch_first else x
+        if not batched:
+            output, h_n = output.squeeze(1), h_n.squeeze(1)
+        if self.mode == "LSTM":
+            c_n = torch.stack(finals_c)
+            return output, (h_n, c_n.squeeze(1) if not batched else c_n)
+        return output, h_n
+
+    def _initial(self, hx, batch: int, x: torch.Tensor, batched: bool):
+        count = self.num_layers * self.directions
+        zeros = x.new_zeros(count, batch, self.hidden_size)
+        if hx is None:
+            return zeros, zeros
+        h, c = hx if self.mode == "LSTM" else (hx, zeros)
+        if not batched:
+            h, c = h.unsqueeze(1), c.unsqueeze(1)
+        return h, c
+
+    def _run(self, x: torch.Tensor, k: int, h: torch.Tensor, c: torch.Tensor | None, reverse: bool):
+        steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
+        projected = self.ih[k](x)  # every time step's input projection at once
+        hh = self.hh[k]
+        outputs = [None] * x.shape[0]
+        for t in steps:
+            gi, gh = projected[t], hh(h)
+            if self.mode == "LSTM":
+                i, f, g, o = (gi + gh).chunk(4, dim=-1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+            else:
+                ir, iz, in_ = gi.chunk(3, dim=-1)
+                hr, hz, hn = gh.chunk(3, dim=-1)
+                r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+                h = (1 - z) * torch.tanh(in_ + r * hn) + z * h
+            outputs[t] = h
+        return torch.stack(outputs), h, c
+
+    @classmethod
+    def from_dense(cls, layer: nn.Module, spec: LayerRanks, *, init: bool = True):
+        return cls(layer, spec, init=init)
+
+    def dense_weight(self) -> torch.Tensor:
+        """Every weight matrix, flattened and concatenated (ih, hh per layer and direction)."""
+        return torch.cat(
+            [
+                m.dense_weight().reshape(-1)
+                for pair in zip(self.ih, self.hh, strict=True)
+                for m in pair
+            ]
+        )
+
+    def layer_ranks(self) -> LayerRanks:
+        return self.spec
+
+    @classmethod
+    def project(cls, weight: torch.Tensor, spec: LayerRanks) -> torch.Tensor:
+        raise NotImplementedError("ADMM does not project recurrent layers yet")
+
+    @classmethod
+    def rank_limits(cls, weight_shape: Sequence[int], spec: LayerRanks) -> tuple[int, ...]:
+        """The largest rank any of the module's matrices can hold, per rank position."""
+        limits = [
+            _linear_class(spec.format).rank_limits((r, c), _full(spec, r, c))
+            for r, c in matrix_shapes(weight_shape)
+        ]
+        return tuple(max(column) for column in zip(*limits, strict=True))
+
+    @classmethod
+    def weight_params(cls, weight_shape: Sequence[int], spec: LayerRanks) -> int:
+        return sum(
+            _linear_class(spec.format).weight_params((r, c), _matrix_spec(spec, r, c))
+            for r, c in matrix_shapes(weight_shape)
+        )
+
+    @classmethod
+    def weight_macs(
+        cls, weight_shape: Sequence[int], spec: LayerRanks, positions_in: int, positions_out: int
+    ) -> int:
+        """Every matrix once per time step (``positions_out`` steps per sample)."""
+        return (
+            sum(
+                _linear_class(spec.format).weight_macs((r, c), _matrix_spec(spec, r, c), 1, 1)
+                for r, c in matrix_shapes(weight_shape)
+            )
+            * positions_out
+        )
+
+
+def _full(spec: LayerRanks, rows: int, columns: int) -> LayerRanks:
+    """A matrix's spec with its own modes (for its rank limits, which need only the modes)."""
+    if spec.format == "svd":
+        return LayerRanks("svd", (min(rows, columns),))
+    d = len(spec.modes[0]) if spec.modes else len(spec.ranks) + 1
+    modes = (balanced_factors(rows, d), balanced_factors(columns, d))
+    return LayerRanks("tt-matrix", (1,) * (d - 1), modes)

@@ -1,0 +1,113 @@
+"""nn.LSTM / nn.GRU with factorized weight matrices (SVD, TT-matrix; ADMM-TT Section 5.3):
+equal to the dense module at full rank (multi-layer, bidirectional, batch-first or not, with an
+initial state, unbatched), counted, reloaded, searched together with a TT-embedding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import tdsearch
+from tdsearch.tensor import LayerRanks, RankTable, compress, count_macs, count_params, survey
+from tdsearch.tensor.compress import factorized_weight_macs, make_spec, rank_limits
+from tdsearch.tensor.layers import FactorizedRecurrent
+
+
+def full_rank(module: nn.Module, fmt: str) -> RankTable:
+    info = survey(nn.Sequential(module), (7, module.input_size))[0][0]
+    spec = make_spec(info, fmt)
+    return RankTable([("0", LayerRanks(fmt, rank_limits(info, spec), spec.modes))])
+
+
+@pytest.mark.parametrize("fmt", ["svd", "tt-matrix"])
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize(
+    "layers,bidirectional,batch_first", [(2, True, True), (1, False, False), (3, False, True)]
+)
+def test_a_factorized_recurrent_module_equals_the_dense_one_at_full_rank(
+    cls, fmt, layers, bidirectional, batch_first
+):
+    torch.manual_seed(0)
+    dense = cls(12, 8, layers, bidirectional=bidirectional, batch_first=batch_first)
+    dense = nn.Sequential(dense.double().eval())
+    compact = compress(dense, full_rank(dense[0], fmt))
+    assert isinstance(compact[0], FactorizedRecurrent)
+    x = torch.randn(3, 7, 12, dtype=torch.float64)
+    h0 = torch.randn(layers * (2 if bidirectional else 1), 7 if not batch_first else 3, 8)
+    h0 = h0.double()
+    state = (h0, torch.randn_like(h0)) if cls is nn.LSTM else h0
+    for args in ((x,), (x, state), (x[0],)):
+        if len(args) == 1 and args[0].ndim == 2:
+            args = (args[0],)  # an unbatched sequence
+        want, got = dense[0](*args), compact[0](*args)
+        assert (got[0] - want[0]).norm() / want[0].norm() < 1e-10
+        finals = (got[1], want[1]) if cls is nn.GRU else (got[1][1], want[1][1])
+        assert (finals[0] - finals[1]).norm() / finals[1].norm() < 1e-10
+
+
+class Tagger(nn.Module):
+    def __init__(self, cls=nn.LSTM):
+        super().__init__()
+        self.rnn = cls(24, 32, num_layers=2, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(64, 5)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("fmt", ["svd", "tt-matrix"])
+def test_a_low_rank_recurrent_module_is_smaller_counted_and_reloads(cls, fmt):
+    torch.manual_seed(0)
+    model = Tagger(cls).eval()
+    info = survey(model, (10, 24))[0][0]
+    gates = 4 if cls is nn.LSTM else 3
+    dense_weights = gates * 32 * (24 + 32) * 2 + gates * 32 * (64 + 32) * 2
+    assert info.weight_count == dense_weights
+    assert info.macs == 10 * dense_weights  # counted even where PyTorch's fused op hides it
+    spec = make_spec(info, fmt)
+    table = RankTable([("rnn", LayerRanks(fmt, (4,) * len(rank_limits(info, spec)), spec.modes))])
+    compact = compress(model, table)
+    assert count_params(compact.rnn) < count_params(model.rnn) / 2
+    counted = count_macs(compact, (10, 24)) - count_macs(model, (10, 24)) + info.macs
+    assert counted == factorized_weight_macs(info, table["rnn"])
+    shell = compress(model, table, init=False)
+    shell.load_state_dict(compact.state_dict())
+    x = torch.randn(2, 10, 24)
+    assert torch.equal(shell(x), compact(x))
+
+
+def test_methods_that_cannot_factorize_recurrent_layers_say_so(tmp_path):
+    data = TensorDataset(torch.randn(8, 10, 24), torch.randint(0, 5, (8,)))
+    with pytest.raises(tdsearch.UserError, match="admm-tt does not factorize LSTM/GRU"):
+        tdsearch.create_search(
+            model=Tagger(), data=(data, data), method="admm-tt", storage=tmp_path / "runs"
+        ).optimize(budget=1)
+
+
+def test_a_search_compresses_embedding_and_lstm_together(tmp_path):
+    from tests.tensor.test_tt_embedding import TextClassifier
+
+    torch.manual_seed(0)
+    tokens = torch.randint(1, 1009, (96, 12))
+    labels = tokens[:, 0] % 5
+    train, val = (TensorDataset(tokens[:64], labels[:64]), TensorDataset(tokens[64:], labels[64:]))
+    search = tdsearch.create_search(
+        model=TextClassifier(),
+        data=(train, val),
+        name="text",
+        storage=tmp_path / "runs",
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        layers=["embedding", "lstm"],
+        epochs=1,
+        baseline_epochs=2,
+        early_stopping="none",
+        log=None,
+    )
+    search.optimize(budget=2)
+    assert (search.trials["status"] == "FINISHED").all()
+    choice = search.select("min-params")
+    assert isinstance(choice.model.lstm, FactorizedRecurrent)
+    assert set(choice.table) == {"embedding", "lstm"}
