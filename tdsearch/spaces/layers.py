@@ -1,6 +1,7 @@
 """Which of a model's decomposable layers take part in a search, and how ranks are tied.
 
-By default every Conv2d and Linear takes part except the first conv and the last linear layer:
+By default every decomposable layer (convs, linears, embeddings, LSTM / GRU) takes part except
+the first conv and the last linear layer:
 they hold few parameters and are the most sensitive to compression (the convention of the
 ADMM-TT, CEPD and MARS experiments). Users choose otherwise by name or glob.
 """
