@@ -81,3 +81,25 @@ def reload_compressed(result, task: Task, path: Path) -> nn.Module:
         num_classes=task.num_classes,
     )
     return load_compressed(path)
+
+
+def two_trial_search(model: nn.Module, train, val, layers: list[str], tmp_path: Path):
+    """A 2-trial search of one epoch per trial on ``layers``, in ``tmp_path``: what the tests of
+    each kind of layer run to show a search compresses it end to end."""
+    import tdsearch
+
+    search = tdsearch.create_search(
+        model=model,
+        data=(train, val),
+        name="tiny",
+        storage=tmp_path / "runs",
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        layers=layers,
+        epochs=1,
+        baseline_epochs=2,
+        early_stopping="none",
+        log=None,
+    )
+    search.optimize(budget=2)
+    assert len(search.trials) == 2 and (search.trials["status"] == "FINISHED").all()
+    return search

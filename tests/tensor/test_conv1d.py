@@ -20,6 +20,7 @@ from tdsearch.tensor import (
 )
 from tdsearch.tensor.compress import make_spec, rank_limits
 from tdsearch.tensor.layers import Conv1dFactorized, class_of_layer
+from tests.conftest import two_trial_search
 
 
 class AudioNet(nn.Module):
@@ -118,21 +119,7 @@ def test_a_search_compresses_a_conv1d_net_on_audio_like_data(tmp_path):
     x = torch.randn(96, 2, 101)
     y = (x[:, 0, :50].mean(1) > 0).long() + 2 * (x[:, 1, 50:].mean(1) > 0).long()
     train, val = TensorDataset(x[:64], y[:64]), TensorDataset(x[64:], y[64:])
-    search = tdsearch.create_search(
-        model=AudioNet(),
-        data=(train, val),
-        name="audio",
-        storage=tmp_path / "runs",
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-        layers=["features.3", "features.5"],
-        epochs=1,
-        baseline_epochs=2,
-        early_stopping="none",
-        log=None,
-    )
-    search.optimize(budget=2)
-    trials = search.trials
-    assert len(trials) == 2 and (trials["status"] == "FINISHED").all()
+    search = two_trial_search(AudioNet(), train, val, ["features.3", "features.5"], tmp_path)
     choice = search.select("min-params")
     assert set(choice.table) == {"features.3", "features.5"}
     assert isinstance(choice.model.features[3], Conv1dFactorized)

@@ -13,6 +13,7 @@ import tdsearch
 from tdsearch.tensor import LayerRanks, RankTable, compress, count_macs, count_params, survey
 from tdsearch.tensor.compress import factorized_weight_macs, make_spec, rank_limits
 from tdsearch.tensor.layers import FactorizedRecurrent
+from tests.conftest import two_trial_search
 
 
 def full_rank(module: nn.Module, fmt: str) -> RankTable:
@@ -94,20 +95,7 @@ def test_a_search_compresses_embedding_and_lstm_together(tmp_path):
     tokens = torch.randint(1, 1009, (96, 12))
     labels = tokens[:, 0] % 5
     train, val = (TensorDataset(tokens[:64], labels[:64]), TensorDataset(tokens[64:], labels[64:]))
-    search = tdsearch.create_search(
-        model=TextClassifier(),
-        data=(train, val),
-        name="text",
-        storage=tmp_path / "runs",
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-        layers=["embedding", "lstm"],
-        epochs=1,
-        baseline_epochs=2,
-        early_stopping="none",
-        log=None,
-    )
-    search.optimize(budget=2)
-    assert (search.trials["status"] == "FINISHED").all()
+    search = two_trial_search(TextClassifier(), train, val, ["embedding", "lstm"], tmp_path)
     choice = search.select("min-params")
     assert isinstance(choice.model.lstm, FactorizedRecurrent)
     assert set(choice.table) == {"embedding", "lstm"}

@@ -23,6 +23,8 @@ from torch import nn
 
 from tdsearch.tensor.decompose import balanced_factors
 from tdsearch.tensor.layers._base import FactorizedLayer
+from tdsearch.tensor.layers._svd import SVDLinear
+from tdsearch.tensor.layers._tt_matrix import TTMatrixLinear
 from tdsearch.tensor.rank_table import LayerRanks
 
 GATES = {"LSTM": 4, "GRU": 3}
@@ -70,10 +72,17 @@ def _matrix_spec(spec: LayerRanks, rows: int, columns: int) -> LayerRanks:
     return LayerRanks("tt-matrix", clamp_tt_ranks(sizes, ranks), modes)
 
 
-def _linear_class(format: str) -> type[FactorizedLayer]:
-    from tdsearch.tensor.layers._registry import layer_class
+#: the factorized linear layer of each format a recurrent module's matrices can take
+LINEAR_CLASSES: dict[str, type[FactorizedLayer]] = {"svd": SVDLinear, "tt-matrix": TTMatrixLinear}
 
-    return layer_class(format, "linear")
+
+def _linear_class(format: str) -> type[FactorizedLayer]:
+    try:
+        return LINEAR_CLASSES[format]
+    except KeyError:
+        raise ValueError(
+            f"format {format!r} does not apply to an LSTM / GRU; use svd or tt-matrix"
+        ) from None
 
 
 class FactorizedRecurrent(FactorizedLayer):
