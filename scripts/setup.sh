@@ -2,7 +2,8 @@
 # Idempotent set-up used by `make run` and `make test`:
 #   a virtual environment (.venv) if there is none, torch==2.13.0 if no torch is installed
 #   (the CPU build that lies on this disk; a bare `torch` would pull a multi-GB CUDA build),
-#   this package with its dev extras, and Debian's dataset-fashion-mnist when it is missing.
+#   this package with its dev extras, and Debian's dataset-fashion-mnist and wordnet-base (the
+#   text task) when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +33,7 @@ fi
 # UI (that test is skipped, with the reason, where they cannot be installed).
 missing=()
 [ -f "$FASHION_DIR/train-images-idx3-ubyte.gz" ] || missing+=(dataset-fashion-mnist)
+[ -f /usr/share/wordnet/data.noun ] || missing+=(wordnet-base)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -192,6 +192,11 @@ def resolve_data(
     if isinstance(data, str):
         if data in DATASETS:
             return BuiltinData(data, None if data_dir is None else str(data_dir))
+        if data == "wordnet":
+            from tdsearch.data._wordnet import WordNetGlosses
+
+            directory = None if data_dir is None else str(data_dir)
+            return FactoryData(WordNetGlosses(directory), "wordnet", num_workers)
         if data == "imagefolder":
             from tdsearch.data._imagefolder import ImageFolder
 
@@ -201,7 +206,7 @@ def resolve_data(
         if ":" in data:
             return FactoryData(import_object(data, "dataset"), data, num_workers)
         raise UserError(
-            f"unknown dataset {data!r}; choose one of {', '.join(DATASETS)}, imagefolder "
+            f"unknown dataset {data!r}; choose one of {', '.join(DATASETS)}, wordnet, imagefolder "
             "or give your own as package.module:factory"
         )
     if isinstance(data, Data):

@@ -19,15 +19,19 @@ from torch import nn
 from tdsearch.errors import UserError
 from tdsearch.models.lenet import LeNet5
 from tdsearch.models.resnet import CifarResNet
+from tdsearch.models.text import TextLSTM
 
 InputShape = tuple[int, int, int]
 
 BUILTIN_MODELS: dict[str, Callable[[InputShape, int], nn.Module]] = {
     "lenet5": lambda shape, classes: LeNet5(shape[0], classes, shape[1]),
+    "text-lstm": lambda shape, classes: TextLSTM(classes),
     "resnet20": lambda shape, classes: CifarResNet(20, shape[0], classes),
     "resnet32": lambda shape, classes: CifarResNet(32, shape[0], classes),
     "resnet56": lambda shape, classes: CifarResNet(56, shape[0], classes),
 }
+#: built-in models that read token ids (B, tokens), not images
+TEXT_MODELS = frozenset({"text-lstm"})
 
 
 def is_user_model(spec: str) -> bool:
@@ -38,12 +42,21 @@ def build_model(spec: str, input_shape: InputShape, num_classes: int | None) -> 
     """A fresh, randomly initialised model.
 
     Args:
-        spec: a built-in name (``lenet5``, ``resnet20/32/56``) or ``package.module:factory``.
+        spec: a built-in name (``lenet5``, ``resnet20/32/56``; ``text-lstm`` for token ids)
+            or ``package.module:factory``.
             A user factory is called with whichever of ``in_channels``, ``num_classes`` and
             ``input_shape`` it accepts as keywords (none is fine) and must return an ``nn.Module``.
-        input_shape: (C, H, W) of one input image.
+        input_shape: (C, H, W) of one input image, or (tokens,) of one text.
         num_classes: number of output classes.
     """
+    if spec in TEXT_MODELS:
+        if num_classes is None or len(input_shape) != 1:
+            raise UserError(
+                f"model {spec} is a text classifier: it needs (tokens,) inputs of word ids and "
+                f"the number of classes (e.g. --dataset wordnet), got inputs "
+                f"{tuple(input_shape)} and num_classes {num_classes}"
+            )
+        return BUILTIN_MODELS[spec](input_shape, num_classes)
     if spec in BUILTIN_MODELS:
         if num_classes is None or len(input_shape) != 3:
             raise UserError(
