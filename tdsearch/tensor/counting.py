@@ -33,14 +33,23 @@ def probe_dtypes(model: nn.Module) -> list[torch.dtype]:
     return dtypes
 
 
+def _seen(counts: dict, root: str, name: str) -> int:
+    """MACs the flop counter attributed to the submodule ``name`` (the root: "")."""
+    return sum(counts.get(f"{root}.{name}" if name else root, {}).values()) // 2
+
+
 def _counted(model: nn.Module, input_shape: Sequence[int]) -> tuple[FlopCounterMode, dict]:
-    """The flop counter after one forward pass of a zero input, and the MACs of the dense LSTM
-    / GRU modules, by name, that the counter does not see (PyTorch's fused recurrent op)."""
+    """The flop counter after one forward pass of a zero input, and MACs to add to it by
+    module name: the dense LSTM / GRU modules the counter does not see (PyTorch's fused
+    recurrent op), and a TT-embedding's lookups counted as if every id were distinct (what
+    the counter saw of them, one distinct id, is taken off)."""
     from tdsearch.tensor.layers import recurrent_macs
 
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     recurrent: dict[str, int] = {}
+
+    by_hand: dict[str, int] = {}  # modules whose MACs replace what the counter saw
 
     def record(name: str):
         def hook(module, inputs, output) -> None:
@@ -51,10 +60,20 @@ def _counted(model: nn.Module, input_shape: Sequence[int]) -> tuple[FlopCounterM
 
         return hook
 
+    def record_lookup(name: str):
+        def hook(module, inputs, output) -> None:
+            by_hand[name] = by_hand.get(name, 0) + module.lookup_macs(inputs[0].numel())
+
+        return hook
+
     handles = [
         m.register_forward_hook(record(n))
         for n, m in model.named_modules()
         if type(m) in (nn.LSTM, nn.GRU)
+    ] + [
+        m.register_forward_hook(record_lookup(n))
+        for n, m in model.named_modules()
+        if hasattr(m, "lookup_macs")
     ]
     was_training = model.training
     model.eval()
@@ -62,6 +81,7 @@ def _counted(model: nn.Module, input_shape: Sequence[int]) -> tuple[FlopCounterM
         dtypes = probe_dtypes(model)
         for k, dtype in enumerate(dtypes):
             recurrent.clear()
+            by_hand.clear()
             try:
                 with torch.no_grad(), FlopCounterMode(display=False) as counter:
                     model(torch.zeros(1, *input_shape, device=device, dtype=dtype))
@@ -69,12 +89,14 @@ def _counted(model: nn.Module, input_shape: Sequence[int]) -> tuple[FlopCounterM
                 # count by hand only the modules it saw nothing of
                 counts = counter.get_flop_counts()
                 root = type(model).__name__
-                unseen = {
-                    name: macs
-                    for name, macs in recurrent.items()
-                    if not sum(counts.get(f"{root}.{name}" if name else root, {}).values())
+                extra = {
+                    name: macs for name, macs in recurrent.items() if not _seen(counts, root, name)
                 }
-                return counter, unseen
+                # a lookup's count replaces the counter's (a zero input has one distinct id)
+                extra.update(
+                    {name: macs - _seen(counts, root, name) for name, macs in by_hand.items()}
+                )
+                return counter, extra
             except (RuntimeError, TypeError, IndexError):
                 if k == len(dtypes) - 1:
                     raise

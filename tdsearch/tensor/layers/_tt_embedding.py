@@ -77,7 +77,7 @@ class TTEmbedding(_TTMatrixBase):
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
         # each distinct token's row once: a batch of text repeats its common words (and padding)
-        # many times; 14x faster than a row per token on 256 wordnet glosses, 1,055 distinct
+        # many times; 11-14x faster than a row per token on 256 wordnet glosses, 1,055 distinct
         # ids of 8,192 (benchmarks/text_layers.py)
         tokens, where = torch.unique(index.reshape(-1), return_inverse=True)
         rows = self._rows(tokens)
@@ -109,6 +109,13 @@ class TTEmbedding(_TTMatrixBase):
             table = _padded(decompose_in_double(layer.weight), math.prod(spec.modes[0]))
             out._set_matrix_cores(tt_svd(to_tt_matrix(table, *spec.modes), spec.ranks))
         return out
+
+    def lookup_macs(self, tokens: int) -> int:
+        """MACs of looking up ``tokens`` ids, counted as if every id were distinct (the cost
+        of a batch with no repeated word, an upper bound): what ``count_macs`` reports, since
+        the flop counter's zero input holds one distinct id only."""
+        spec = self.layer_ranks()
+        return self.weight_macs((self.num_embeddings, math.prod(self.in_modes)), spec, 1, tokens)
 
     def dense_weight(self) -> torch.Tensor:
         full = tt_to_full(self._matrix_cores_flat())
