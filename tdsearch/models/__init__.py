@@ -49,20 +49,14 @@ def build_model(spec: str, input_shape: InputShape, num_classes: int | None) -> 
         input_shape: (C, H, W) of one input image, or (tokens,) of one text.
         num_classes: number of output classes.
     """
-    if spec in TEXT_MODELS:
-        if num_classes is None or len(input_shape) != 1:
-            raise UserError(
-                f"model {spec} is a text classifier: it needs (tokens,) inputs of word ids and "
-                f"the number of classes (e.g. --dataset wordnet), got inputs "
-                f"{tuple(input_shape)} and num_classes {num_classes}"
-            )
-        return BUILTIN_MODELS[spec](input_shape, num_classes)
     if spec in BUILTIN_MODELS:
-        if num_classes is None or len(input_shape) != 3:
+        text = spec in TEXT_MODELS
+        if num_classes is None or len(input_shape) != (1 if text else 3):
+            needs = "(tokens,) inputs of word ids" if text else "(C, H, W) inputs"
             raise UserError(
-                f"model {spec} is an image classifier: it needs (C, H, W) inputs and the number "
-                f"of classes (set Data(num_classes=...)), got inputs {tuple(input_shape)} and "
-                f"num_classes {num_classes}"
+                f"model {spec} is {'a text' if text else 'an image'} classifier: it needs "
+                f"{needs} and the number of classes (set Data(num_classes=...)), got inputs "
+                f"{tuple(input_shape)} and num_classes {num_classes}"
             )
         return BUILTIN_MODELS[spec](input_shape, num_classes)
     if not is_user_model(spec):

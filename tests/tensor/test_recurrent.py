@@ -99,3 +99,17 @@ def test_a_search_compresses_embedding_and_lstm_together(tmp_path):
     choice = search.select("min-params")
     assert isinstance(choice.model.lstm, FactorizedRecurrent)
     assert set(choice.table) == {"embedding", "lstm"}
+
+
+@pytest.mark.parametrize("fmt", ["svd", "tt-matrix"])
+def test_the_projection_truncates_each_matrix_to_the_ranks_it_can_hold(fmt):
+    torch.manual_seed(0)
+    weight = nn.LSTM(24, 32).weight_ih_l0.detach().double()  # (128, 24)
+    modes = ((4, 4, 8), (2, 3, 4))  # the module's first input-to-hidden matrix's
+    spec = LayerRanks("svd", (3,)) if fmt == "svd" else LayerRanks(fmt, (3, 3), modes)
+    projected = FactorizedRecurrent.project(weight, spec)
+    assert projected.shape == weight.shape
+    assert torch.allclose(FactorizedRecurrent.project(projected, spec), projected, atol=1e-10)
+    assert (projected - weight).norm() < weight.norm()
+    if fmt == "svd":
+        assert torch.linalg.matrix_rank(projected) == 3

@@ -201,7 +201,11 @@ class FactorizedRecurrent(FactorizedLayer):
 
     @classmethod
     def project(cls, weight: torch.Tensor, spec: LayerRanks) -> torch.Tensor:
-        raise NotImplementedError("ADMM does not project recurrent layers yet")
+        """Π of one of the module's weight matrices (rows, columns): its truncation to the
+        entry's ranks as that matrix takes them (capped; its own tt-matrix modes)."""
+        rows, columns = weight.shape
+        matrix_spec = _matrix_spec(spec, rows, columns)
+        return _linear_class(spec.format).project(weight, matrix_spec)
 
     @classmethod
     def rank_limits(cls, weight_shape: Sequence[int], spec: LayerRanks) -> tuple[int, ...]:
