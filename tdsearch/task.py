@@ -41,6 +41,8 @@ BASELINE_FORMAT = 1
 DEFAULT_BASELINES: dict[str, TrainSettings] = {
     "lenet5": TrainSettings(epochs=12, lr=1e-3, optimizer="adam"),
     "resnet": TrainSettings(epochs=60, lr=0.1, optimizer="sgd", weight_decay=5e-4),
+    # 4 epochs of ~35 s on 2 cores: 76% validation accuracy (12% is the majority class)
+    "text-lstm": TrainSettings(epochs=4, lr=3e-3, optimizer="adam"),
     "user": TrainSettings(epochs=10, lr=1e-3, optimizer="adam"),
 }
 

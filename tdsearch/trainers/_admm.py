@@ -28,7 +28,7 @@ from torch import nn
 from tdsearch.spaces import Dimension
 from tdsearch.task import Task
 from tdsearch.tensor import LayerRanks, RankTable, compress, count_flops, count_params
-from tdsearch.tensor.layers import class_of_layer
+from tdsearch.tensor.layers import FactorizedRecurrent, class_of_layer, recurrent_weights
 from tdsearch.trainers._base import Reporter, TrialSpec, measure, sampled_or_fixed
 from tdsearch.trainers._fine_tune import fine_tune
 from tdsearch.training import (
@@ -183,17 +183,35 @@ class Admm:
 
 
 def weight_block(name: str, layer: nn.Module, spec: LayerRanks, group: str = "weight") -> Block:
-    """The ADMM-TT block of one conv / linear layer: x = its weight, Π = the truncation to
-    ``spec``'s ranks of the format's own layer class (TT-SVD for tt / tt-matrix, Algorithm 1;
-    truncated HOSVD for tucker2; truncated SVD for svd)."""
+    """The ADMM-TT block of one conv / linear / embedding layer: x = its weight, Π = the
+    truncation to ``spec``'s ranks of the format's own layer class (TT-SVD for tt / tt-matrix,
+    Algorithm 1; truncated HOSVD for tucker2; truncated SVD for svd)."""
     cls = class_of_layer(spec, layer)
     return Block.start(name, layer.weight, functools.partial(cls.project, spec=spec), group)
 
 
+def layer_blocks(name: str, layer: nn.Module, spec: LayerRanks) -> list[Block]:
+    """The ADMM-TT blocks of one layer: one per weight matrix of an LSTM / GRU (each matrix is
+    its own TT-matrix or SVD in the compact module, as the ADMM-TT paper's LSTM input-to-hidden
+    weight is, Section 5.3; blocks ``<layer>.weight_ih_l0``, ...), else :func:`weight_block`."""
+    if isinstance(layer, nn.LSTM | nn.GRU):
+        project = functools.partial(FactorizedRecurrent.project, spec=spec)
+        return [
+            Block.start(f"{name}.{matrix}", weight, project)
+            for matrix, weight in recurrent_weights(layer)
+        ]
+    return [weight_block(name, layer, spec)]
+
+
 def effective_weight(module: nn.Module) -> torch.Tensor:
-    """The weight a layer computes with: a plain layer's ``weight`` or a composite layer's
-    ``dense_weight()`` (factorized layers, CEPD's L + S)."""
-    return module.dense_weight() if hasattr(module, "dense_weight") else module.weight
+    """The weight a layer computes with: a plain layer's ``weight``, a composite layer's
+    ``dense_weight()`` (factorized layers, CEPD's L + S), an LSTM / GRU's weight matrices
+    flattened and concatenated (the order of ``FactorizedRecurrent.dense_weight``)."""
+    if hasattr(module, "dense_weight"):
+        return module.dense_weight()
+    if isinstance(module, nn.LSTM | nn.GRU):
+        return torch.cat([w.reshape(-1) for _, w in recurrent_weights(module)])
+    return module.weight
 
 
 @torch.no_grad()

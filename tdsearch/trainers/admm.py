@@ -21,7 +21,7 @@ from torch import nn
 from tdsearch.spaces import Dimension
 from tdsearch.task import Task
 from tdsearch.tensor import RankTable, compress, table_of
-from tdsearch.trainers._admm import Admm, AdmmOptions, admm_then_fine_tune, weight_block
+from tdsearch.trainers._admm import Admm, AdmmOptions, admm_then_fine_tune, layer_blocks
 from tdsearch.trainers._base import Reporter, Trainer, TrialResult, TrialSpec
 from tdsearch.training import TrainSettings
 
@@ -29,9 +29,10 @@ from tdsearch.training import TrainSettings
 def weight_admm(model: nn.Module, table: RankTable, rho: float, options: AdmmOptions) -> Admm:
     """ADMM over the weights of ``table``'s decomposed layers of ``model`` (Z⁰ = Π(W₀), U⁰ = 0)."""
     blocks = [
-        weight_block(name, model.get_submodule(name), spec)
+        block
         for name, spec in table.items()
         if spec.format != "dense"
+        for block in layer_blocks(name, model.get_submodule(name), spec)
     ]
     return Admm(blocks, rho, every=options.update_every, unit=options.update_unit)
 
@@ -44,8 +45,6 @@ class AdmmTT(Trainer):
     the compact model (with ``decomposition_error``)."""
 
     name = "admm-tt"
-    #: ADMM projects one weight per layer; an LSTM / GRU has several
-    unsupported_layers = frozenset({"LSTM/GRU"})
     options_class = AdmmOptions
     #: conv formats whose projection this method uses; other requests get the first one.
     conv_formats: ClassVar[tuple[str, ...]] = ("tt", "tt-matrix")

@@ -80,12 +80,38 @@ def test_a_low_rank_recurrent_module_is_smaller_counted_and_reloads(cls, fmt):
     assert torch.equal(shell(x), compact(x))
 
 
-def test_methods_that_cannot_factorize_recurrent_layers_say_so(tmp_path):
+@pytest.mark.parametrize("method", ["mars", "cepd", "adaptive-tucker"])
+def test_methods_that_cannot_factorize_recurrent_layers_say_so(method, tmp_path):
     data = TensorDataset(torch.randn(8, 10, 24), torch.randint(0, 5, (8,)))
-    with pytest.raises(tdsearch.UserError, match="admm-tt does not factorize LSTM/GRU"):
+    with pytest.raises(tdsearch.UserError, match=f"{method} does not factorize LSTM/GRU"):
         tdsearch.create_search(
-            model=Tagger(), data=(data, data), method="admm-tt", storage=tmp_path / "runs"
+            model=Tagger(), data=(data, data), method=method, storage=tmp_path / "runs"
         ).optimize(budget=1)
+
+
+def test_admm_blocks_are_one_per_weight_matrix():
+    """ADMM-TT constrains each matrix of a 2-layer bidirectional LSTM on its own, with the
+    projection the compact module uses, and ‖x − Z‖ falls when x moves onto Z."""
+    from tdsearch.trainers.admm import weight_admm
+    from tdsearch.trainers._admm import AdmmOptions
+
+    torch.manual_seed(0)
+    model = Tagger()
+    info = survey(model, (10, 24))[0][0]
+    table = RankTable([("rnn", make_spec(info, "tt-matrix", (3, 3)))])
+    admm = weight_admm(model, table, 0.1, AdmmOptions())
+    names = [b.name for b in admm.blocks]
+    assert names == [
+        f"rnn.weight_{k}_l{l}{d}" for l in (0, 1) for d in ("", "_reverse") for k in ("ih", "hh")
+    ]
+    before = admm.metrics()["admm_residual"]
+    with torch.no_grad():
+        for block in admm.blocks:
+            block.variable.copy_(block.z)
+    assert before > 1 and admm.metrics()["admm_residual"] < 1e-5
+    compact = compress(model, table)
+    projected = torch.cat([b.z.reshape(-1) for b in admm.blocks])
+    torch.testing.assert_close(compact.rnn.dense_weight(), projected, atol=1e-5, rtol=1e-4)
 
 
 def test_a_search_compresses_embedding_and_lstm_together(tmp_path):

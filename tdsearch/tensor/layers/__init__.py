@@ -13,7 +13,12 @@ from tdsearch.tensor.layers._lowrank_sparse import (
     filter_norms,
     keep_filters,
 )
-from tdsearch.tensor.layers._recurrent import FactorizedRecurrent, recurrent_macs, recurrent_shape
+from tdsearch.tensor.layers._recurrent import (
+    FactorizedRecurrent,
+    recurrent_macs,
+    recurrent_shape,
+    recurrent_weights,
+)
 from tdsearch.tensor.layers._registry import LAYER_CLASSES, layer_class
 from tdsearch.tensor.layers._svd import SVDConv2d, SVDLinear
 from tdsearch.tensor.layers._tt_conv import TTConv2d

@@ -53,6 +53,20 @@ def matrix_shapes(shape: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
+def recurrent_weights(module: nn.LSTM | nn.GRU) -> list[tuple[str, nn.Parameter]]:
+    """The module's weight matrices by parameter name, in :func:`matrix_shapes` order: ih then
+    hh of each layer and direction (the order of :meth:`FactorizedRecurrent.dense_weight`)."""
+    out = []
+    for layer in range(module.num_layers):
+        for direction in range(2 if module.bidirectional else 1):
+            suffix = f"_l{layer}" + ("_reverse" if direction else "")
+            out += [
+                (f"weight_{kind}{suffix}", getattr(module, f"weight_{kind}{suffix}"))
+                for kind in ("ih", "hh")
+            ]
+    return out
+
+
 def recurrent_macs(module: nn.LSTM | nn.GRU, steps: int) -> int:
     """Multiply-accumulates of one sample of ``steps`` time steps through the dense module."""
     return steps * sum(r * c for r, c in matrix_shapes(recurrent_shape(module)))
@@ -101,21 +115,16 @@ class FactorizedRecurrent(FactorizedLayer):
         self.dropout = dense.dropout
         linear = _linear_class(spec.format)
         self.ih, self.hh = nn.ModuleList(), nn.ModuleList()
-        for layer in range(self.num_layers):
-            for direction in range(self.directions):
-                suffix = f"_l{layer}" + ("_reverse" if direction else "")
-                for kind, store in (("ih", self.ih), ("hh", self.hh)):
-                    weight = getattr(dense, f"weight_{kind}{suffix}")
-                    bias = getattr(dense, f"bias_{kind}{suffix}", None)
-                    matrix = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-                    matrix = matrix.to(weight.device, weight.dtype)
-                    with torch.no_grad():
-                        matrix.weight.copy_(weight)
-                        if bias is not None:
-                            matrix.bias.copy_(bias)
-                    store.append(
-                        linear.from_dense(matrix, _matrix_spec(spec, *weight.shape), init=init)
-                    )
+        for name, weight in recurrent_weights(dense):
+            bias = getattr(dense, name.replace("weight", "bias"), None)
+            matrix = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+            matrix = matrix.to(weight.device, weight.dtype)
+            with torch.no_grad():
+                matrix.weight.copy_(weight)
+                if bias is not None:
+                    matrix.bias.copy_(bias)
+            store = self.ih if name.startswith("weight_ih") else self.hh
+            store.append(linear.from_dense(matrix, _matrix_spec(spec, *weight.shape), init=init))
 
     @property
     def format(self) -> str:  # type: ignore[override]
