@@ -92,8 +92,8 @@ def test_methods_that_cannot_factorize_recurrent_layers_say_so(method, tmp_path)
 def test_admm_blocks_are_one_per_weight_matrix():
     """ADMM-TT constrains each matrix of a 2-layer bidirectional LSTM on its own, with the
     projection the compact module uses, and ‖x − Z‖ falls when x moves onto Z."""
-    from tdsearch.trainers.admm import weight_admm
     from tdsearch.trainers._admm import AdmmOptions
+    from tdsearch.trainers.admm import weight_admm
 
     torch.manual_seed(0)
     model = Tagger()
@@ -102,7 +102,7 @@ def test_admm_blocks_are_one_per_weight_matrix():
     admm = weight_admm(model, table, 0.1, AdmmOptions())
     names = [b.name for b in admm.blocks]
     assert names == [
-        f"rnn.weight_{k}_l{l}{d}" for l in (0, 1) for d in ("", "_reverse") for k in ("ih", "hh")
+        f"rnn.weight_{k}_l{n}{d}" for n in (0, 1) for d in ("", "_reverse") for k in ("ih", "hh")
     ]
     before = admm.metrics()["admm_residual"]
     with torch.no_grad():
@@ -139,3 +139,34 @@ def test_the_projection_truncates_each_matrix_to_the_ranks_it_can_hold(fmt):
     assert (projected - weight).norm() < weight.norm()
     if fmt == "svd":
         assert torch.linalg.matrix_rank(projected) == 3
+
+
+def test_each_matrix_runs_the_cheaper_way_and_is_counted_so():
+    """A TT-matrix with more MACs per row than its dense matrix is built once per call and
+    multiplied densely (same function); a low SVD rank keeps the factorized chain; the MACs
+    counted are the ones that ran."""
+    from tdsearch.tensor.layers._recurrent import _apply, build_macs, matrix_macs
+
+    torch.manual_seed(0)
+    model = Tagger().eval()
+    info = survey(model, (10, 24))[0][0]
+    tt = compress(model, RankTable([("rnn", make_spec(info, "tt-matrix", (8, 8)))]))
+    hh = tt.rnn.hh[0]  # (128, 32) at TT ranks 8, 8: the chain costs more than the matrix
+    shape, spec = (128, 32), hh.layer_ranks()
+    macs, dense = matrix_macs(shape, spec, 10)
+    assert dense and macs == build_macs(shape, spec) + 10 * 128 * 32
+    h = torch.randn(10, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(_apply(hh, 10)(h), hh(h), rtol=1e-5, atol=1e-6)
+    assert _apply(hh, 10) is not hh
+    svd = compress(model, RankTable([("rnn", LayerRanks("svd", (2,)))]))
+    assert not matrix_macs((128, 32), svd.rnn.hh[0].layer_ranks(), 10)[1]
+    assert _apply(svd.rnn.hh[0], 10) is svd.rnn.hh[0]
+    for compact in (tt, svd):
+        spec = next(iter(table_of_rnn(compact).values()))
+        counted = count_macs(compact, (10, 24)) - count_macs(model, (10, 24)) + info.macs
+        assert counted == factorized_weight_macs(info, spec)
+
+
+def table_of_rnn(model: nn.Module) -> RankTable:
+    return RankTable([("rnn", model.rnn.layer_ranks())])

@@ -175,6 +175,7 @@ __all__ = [
     "layer_class",
     "layer_kind",
     "recurrent_macs",
+    "recurrent_weights",
     "register_safe_layer",
     "skip_reason",
     "tt_matrix_apply",

@@ -12,10 +12,19 @@ then one step per time step. At full rank the module equals the dense one.
 MACs: ``torch.utils.flop_counter`` does not count PyTorch's fused recurrent op, so tdsearch
 counts a dense LSTM / GRU itself (:func:`recurrent_macs`, one multiply-add per weight per time
 step, as for a linear layer); the factorized module's matrix products are counted as usual.
+
+Cheaper of two ways per matrix: a matrix is applied to every time step of a batch (B·T rows),
+with the same weights each step. When building its dense matrix once and multiplying by that
+costs fewer MACs than running the factorized chain on every row (:func:`runs_dense`), the
+module does that: a TT-matrix of a small LSTM matrix often has more MACs per row than the dense
+matrix (ranks 8 on the text model's 512 x 128 hidden-to-hidden matrix: 2.6x), and its chain of
+small batched products runs ~30x slower than one dense product on a CPU. The result is the same
+function; the MACs counted are what runs.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -99,6 +108,44 @@ def _linear_class(format: str) -> type[FactorizedLayer]:
         ) from None
 
 
+def build_macs(shape: tuple[int, int], spec: LayerRanks) -> int:
+    """MACs of building a factorized (rows, columns) matrix's dense weight (``dense_weight()``):
+    SVD one product (O, r) x (r, I); TT-matrix the left-to-right contraction of its cores
+    (r_{k-1}, o_k i_k, r_k), as TensorLy's ``tt_to_tensor`` runs it."""
+    if spec.format == "svd":
+        return shape[0] * shape[1] * spec.ranks[0]
+    sizes = [o * i for o, i in zip(*spec.modes, strict=True)]
+    ranks = [1, *spec.ranks, 1]
+    return sum(
+        math.prod(sizes[:k]) * ranks[k] * sizes[k] * ranks[k + 1] for k in range(1, len(sizes))
+    )
+
+
+def matrix_macs(shape: tuple[int, int], spec: LayerRanks, rows: int) -> tuple[int, bool]:
+    """(MACs, dense) of ``rows`` products with a factorized (rows, columns) matrix, the cheaper
+    way: the factorized chain on every row, or (``dense``) its dense matrix built once."""
+    chain = rows * _linear_class(spec.format).weight_macs(shape, spec, 1, 1)
+    built = build_macs(shape, spec) + rows * shape[0] * shape[1]
+    return (built, True) if built < chain else (chain, False)
+
+
+def _apply(module: FactorizedLayer, rows: int):
+    """``module`` as a function of (..., I) inputs, the cheaper way for ``rows`` rows."""
+    spec = module.layer_ranks()
+    weight = module.dense_weight() if matrix_macs(_shape(module), spec, rows)[1] else None
+    if weight is None:
+        return module
+    bias = module.last.bias if spec.format == "svd" else module.bias
+    return lambda inputs: nn.functional.linear(inputs, weight, bias)
+
+
+def _shape(module: FactorizedLayer) -> tuple[int, int]:
+    if isinstance(module, SVDLinear):
+        return module.last.out_features, module.first.in_features
+    out_modes, in_modes = module.layer_ranks().modes
+    return math.prod(out_modes), math.prod(in_modes)
+
+
 class FactorizedRecurrent(FactorizedLayer):
     """An LSTM or GRU whose weight matrices are factorized linear layers."""
 
@@ -174,8 +221,9 @@ class FactorizedRecurrent(FactorizedLayer):
 
     def _run(self, x: torch.Tensor, k: int, h: torch.Tensor, c: torch.Tensor | None, reverse: bool):
         steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
-        projected = self.ih[k](x)  # every time step's input projection at once
-        hh = self.hh[k]
+        rows = x.shape[0] * x.shape[1]
+        projected = _apply(self.ih[k], rows)(x)  # every time step's input projection at once
+        hh = _apply(self.hh[k], rows)
         outputs = [None] * x.shape[0]
         for t in steps:
             gi, gh = projected[t], hh(h)
@@ -236,13 +284,11 @@ class FactorizedRecurrent(FactorizedLayer):
     def weight_macs(
         cls, weight_shape: Sequence[int], spec: LayerRanks, positions_in: int, positions_out: int
     ) -> int:
-        """Every matrix once per time step (``positions_out`` steps per sample)."""
-        return (
-            sum(
-                _linear_class(spec.format).weight_macs((r, c), _matrix_spec(spec, r, c), 1, 1)
-                for r, c in matrix_shapes(weight_shape)
-            )
-            * positions_out
+        """Every matrix once per time step (``positions_out`` steps of one sample), the
+        cheaper way (:func:`runs_dense`)."""
+        return sum(
+            matrix_macs((r, c), _matrix_spec(spec, r, c), positions_out)[0]
+            for r, c in matrix_shapes(weight_shape)
         )
 
 
