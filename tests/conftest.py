@@ -83,7 +83,7 @@ def reload_compressed(result, task: Task, path: Path) -> nn.Module:
     return load_compressed(path)
 
 
-def two_trial_search(model: nn.Module, train, val, layers: list[str], tmp_path: Path):
+def two_trial_search(model: nn.Module, train, val, layers: list[str] | None, tmp_path: Path):
     """A 2-trial search of one epoch per trial on ``layers``, in ``tmp_path``: what the tests of
     each kind of layer run to show a search compresses it end to end."""
     import tdsearch
@@ -94,7 +94,7 @@ def two_trial_search(model: nn.Module, train, val, layers: list[str], tmp_path: 
         name="tiny",
         storage=tmp_path / "runs",
         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-        layers=layers,
+        layers=layers or [],
         epochs=1,
         baseline_epochs=2,
         early_stopping="none",
