@@ -94,7 +94,7 @@ def test_the_admm_projection_of_a_table_has_the_tt_ranks_asked_for():
 
 
 def test_mars_masks_the_tt_embedding_ranks():
-    from tdsearch.trainers._mars_masks import attach_masks
+    from tdsearch.trainers._mars_masks import attach_masks, compact_copy
 
     torch.manual_seed(0)
     model = TextClassifier().eval()
@@ -102,4 +102,13 @@ def test_mars_masks_the_tt_embedding_ranks():
     compact = compress(model, table)
     masks = attach_masks(compact, table, alpha=3.0, generator=torch.Generator().manual_seed(0))
     assert list(masks.layers) == ["embedding"]
-    assert compact(torch.randint(0, 1009, (2, 12))).shape == (2, 5)
+    tokens = torch.randint(0, 1009, (2, 12))
+    assert compact(tokens).shape == (2, 5)
+    # hard masks equal slicing at every inner rank: the sliced TT-embedding gives the same rows
+    gen = torch.Generator().manual_seed(1)
+    for logits in masks.logits():
+        logits.data = torch.randn(logits.shape, generator=gen)
+    sliced = compact_copy(compact.eval())
+    assert sliced.embedding.layer_ranks().ranks == masks.selected_ranks()["embedding"]
+    assert all(r < 8 for r in masks.selected_ranks()["embedding"])
+    torch.testing.assert_close(sliced(tokens), compact(tokens))
