@@ -18,6 +18,7 @@ from tdsearch.config import (
     TrainingSettings,
 )
 from tdsearch.data import Data, ImageFolder
+from tdsearch.deploy import export_onnx
 from tdsearch.errors import UserError
 from tdsearch.scoring import Score
 from tdsearch.tensor import (
@@ -53,6 +54,7 @@ __all__ = [
     "count_macs",
     "count_params",
     "create_search",
+    "export_onnx",
     "load_compressed",
     "load_search",
     "register_safe_layer",

@@ -250,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="yaml, json, csv or md (default: from -o's suffix, else yaml)",
     )
     p.add_argument("--checkpoint", help="also write the trial's compressed model here (.pt)")
+    p.add_argument(
+        "--onnx",
+        help="also write the compressed model as ONNX here (checked in ONNX Runtime against "
+        "PyTorch; prints dense and compact latency)",
+    )
+    p.add_argument(
+        "--no-latency", action="store_true", help="with --onnx: skip the latency measurement"
+    )
     p.set_defaults(handler=_cmd_export)
 
     p = sub.add_parser("ui", help="start the MLflow UI on the searches' tracking store")
@@ -406,6 +414,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
         _check_output(Path(args.output), "-o", tracker.tracking_uri)
     if args.checkpoint:
         _check_output(Path(args.checkpoint), "--checkpoint", tracker.tracking_uri)
+    if args.onnx:
+        _check_output(Path(args.onnx), "--onnx", tracker.tracking_uri)
+        from tdsearch.deploy.onnx import _require_onnx
+
+        _require_onnx()  # before anything is read: a missing extra is one line
     tracker.connect(create=False)
     selected = export_trial(
         tracker,
@@ -435,7 +448,27 @@ def _cmd_export(args: argparse.Namespace) -> int:
             f"compressed model written to {path} (load with tdsearch.load_compressed)",
             file=sys.stderr,
         )
+    if args.onnx:
+        _export_onnx(tracker, selected, Path(args.onnx), latency=not args.no_latency)
     return 0
+
+
+def _export_onnx(tracker, selected, path: Path, *, latency: bool) -> None:
+    from tdsearch.deploy import format_latency
+    from tdsearch.mlflow.export import write_onnx
+
+    if latency:
+        print("exporting to ONNX and measuring latency ...", file=sys.stderr)
+    try:
+        error, rows = write_onnx(tracker, selected, path, latency=latency)
+    except OSError as err:
+        raise UserError(f"cannot write --onnx {path}: {err.strerror or err}") from None
+    print(
+        f"ONNX model written to {path} (ONNX Runtime matches PyTorch within {error:.1e} relative)",
+        file=sys.stderr,
+    )
+    for line in format_latency(rows):
+        print(f"  {line}", file=sys.stderr)
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:

@@ -97,6 +97,42 @@ def download_checkpoint(tracker: Tracker, run_id: str, trial: int, directory: Pa
         ) from None
 
 
+def write_onnx(tracker: Tracker, selected: Selected, path: Path, *, latency: bool = True):
+    """Export the trial's compact model to ONNX at ``path`` (checked against PyTorch, see
+    :func:`tdsearch.deploy.export_onnx`); with ``latency``, also time the dense and the compact
+    model in ONNX Runtime and PyTorch.
+
+    Returns:
+        (the checked relative error, the latency rows or an empty list).
+
+    Raises:
+        UserError: no checkpoint, an architecture given as an object (load it in Python and
+            call ``tdsearch.export_onnx``), missing ONNX extras, or a failed check.
+    """
+    from tdsearch.checkpoint import load_compressed, read_checkpoint
+    from tdsearch.deploy import deployment_latency, export_onnx
+    from tdsearch.models import build_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = download_checkpoint(
+            tracker, selected.record.run_id, selected.record.trial, Path(tmp)
+        )
+        payload = read_checkpoint(local)
+        if not payload["model"]:
+            raise UserError(
+                "--onnx needs the architecture, and this search's model was given as an object "
+                "or a factory: write --checkpoint, then in Python: tdsearch.export_onnx("
+                "tdsearch.load_compressed(path, model=MyNet()), 'model.onnx', input_shape)"
+            )
+        compact = load_compressed(local)
+    shape = tuple(payload["input_shape"])
+    error = export_onnx(compact, path, shape)
+    if not latency:
+        return error, []
+    dense = build_model(payload["model"], shape, payload["num_classes"]).eval()
+    return error, deployment_latency(dense, compact, path, shape)
+
+
 def write_checkpoint(tracker: Tracker, selected: Selected, path: Path) -> Path:
     """Copy the trial's compressed-model checkpoint to ``path`` (atomically)."""
     with tempfile.TemporaryDirectory() as tmp:

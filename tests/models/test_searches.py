@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from tests.conftest import two_trial_search
-from tests.models.test_architectures import MobileNetV2Stack, ResNet18, VGG11BN
+from tests.models.test_architectures import VGG11BN, MobileNetV2Stack, ResNet18
 from tests.tensor.test_grouped import ResNeXtNet
 from tests.tensor.test_survey import AliasedMLP
 

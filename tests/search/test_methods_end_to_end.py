@@ -65,8 +65,14 @@ def test_method_searches_logs_its_metrics_and_exports(root, method):
     assert child.info.status == "FINISHED"
     assert own_metric in child.data.metrics
 
-    export = run("export", "--name", method, "--checkpoint", f"{method}.pt", cwd=root)
+    export = run(
+        "export",
+        *("--name", method, "--checkpoint", f"{method}.pt"),
+        *("--onnx", f"{method}.onnx", "--no-latency"),  # each method's compact model exports
+        cwd=root,
+    )
     assert export.returncode == 0, export.stderr
+    assert "ONNX Runtime matches PyTorch" in export.stderr
     config = SearchConfig.from_sources(None, {"dataset": "digits", "baseline_epochs": 8})
     task = load_task(config.task_spec(), cache_dir=root / "cache", log=lambda _: None)
     model = tdsearch.load_compressed(root / f"{method}.pt")

@@ -150,9 +150,16 @@ def test_export_reloads_to_what_the_trial_reported(search):
         "ranks.yaml",
         "--checkpoint",
         "model.pt",
+        "--onnx",
+        "model.onnx",
         cwd=root,
     )
     assert result.returncode == 0, result.stderr
+    # the ONNX file is checked in ONNX Runtime and both models are timed in both runtimes
+    assert "ONNX model written to model.onnx (ONNX Runtime matches PyTorch within" in result.stderr
+    for runtime in ("onnxruntime", "torch"):
+        for batch in (1, 64):
+            assert f"{runtime:<12} batch {batch:>3}: dense" in result.stderr
     best = max((c for c in search["children"]), key=lambda c: c.data.metrics["val_accuracy"])
     metrics = best.data.metrics
 
@@ -166,6 +173,11 @@ def test_export_reloads_to_what_the_trial_reported(search):
     again = tdsearch.load_compressed(root / "model.pt")
     x = torch.randn(3, *task.input_shape)
     np.testing.assert_array_equal(model(x).detach().numpy(), again(x).detach().numpy())
+    from tdsearch.deploy.onnx import session
+
+    onnx = session(root / "model.onnx")
+    got = onnx.run(None, {onnx.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
 
     md = run("export", "--max-params", str(int(metrics["params"])), "--format", "md", cwd=root)
     assert md.returncode == 0 and md.stdout.startswith("| layer | format | ranks |")
