@@ -416,9 +416,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         _check_output(Path(args.checkpoint), "--checkpoint", tracker.tracking_uri)
     if args.onnx:
         _check_output(Path(args.onnx), "--onnx", tracker.tracking_uri)
-        from tdsearch.deploy.onnx import _require_onnx
+        from tdsearch.deploy.onnx import require_onnx
 
-        _require_onnx()  # before anything is read: a missing extra is one line
+        require_onnx()  # before anything is read: a missing extra is one line
     tracker.connect(create=False)
     selected = export_trial(
         tracker,

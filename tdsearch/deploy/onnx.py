@@ -37,7 +37,7 @@ TOLERANCE = 1e-4
 LATENCY_BATCHES = (1, 64)
 
 
-def _require_onnx():
+def require_onnx():
     try:
         import onnx  # noqa: F401
         import onnxruntime
@@ -89,7 +89,7 @@ def _write_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> None:
 def session(path: str | Path, threads: int | None = None):
     """An ONNX Runtime CPU session of ``path`` (all graph optimisations, ``threads`` intra-op
     threads, PyTorch's count by default)."""
-    ort = _require_onnx()
+    ort = require_onnx()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.log_severity_level = 3
@@ -120,7 +120,7 @@ def export_onnx(
             outputs differ from PyTorch's by more than :data:`TOLERANCE` (the file is then not
             left at ``path``).
     """
-    _require_onnx()
+    require_onnx()
     path = Path(path)
     model = model.cpu().eval()
     _write_onnx(model, example_input(model, input_shape, 2), path)
