@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from tdsearch.errors import UserError
+
 
 def count_params(model: nn.Module) -> int:
     """Number of parameters (buffers such as batch-norm statistics excluded)."""
@@ -97,9 +99,14 @@ def _counted(model: nn.Module, input_shape: Sequence[int]) -> tuple[FlopCounterM
                     {name: macs - _seen(counts, root, name) for name, macs in by_hand.items()}
                 )
                 return counter, extra
-            except (RuntimeError, TypeError, IndexError):
+            except (RuntimeError, TypeError, IndexError) as err:
                 if k == len(dtypes) - 1:
-                    raise
+                    text = str(err).strip()
+                    first = text.splitlines()[0] if text else type(err).__name__
+                    raise UserError(
+                        f"the model fails on one input of shape {tuple(input_shape)} (the "
+                        f"input shape excludes the batch dimension): {first}"
+                    ) from err
     finally:
         model.train(was_training)
         for handle in handles:

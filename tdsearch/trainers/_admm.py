@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -66,8 +67,8 @@ class AdmmOptions:
         if self.admm_epochs < 0:
             raise ValueError(f"admm_epochs must be 0 or more, got {self.admm_epochs}")
         low, high = self.rho
-        if not 0 < low <= high:
-            raise ValueError(f"rho must be a range 0 < low <= high, got {list(self.rho)}")
+        if not 0 < low <= high < math.inf:
+            raise ValueError(f"rho must be a finite range 0 < low <= high, got {list(self.rho)}")
         if self.update_every < 1:
             raise ValueError(f"update_every must be at least 1, got {self.update_every}")
         if self.update_unit not in UPDATE_UNITS:

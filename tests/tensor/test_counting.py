@@ -137,3 +137,13 @@ def test_layer_infos_carry_params_and_macs():
         module_type="Conv2d",
     )  # fmt: skip
     assert infos["fc1"].macs == 400_000
+
+
+def test_an_input_shape_with_the_batch_dimension_is_one_sentence():
+    import tdsearch
+    from tdsearch.models import build_model
+
+    model = build_model("lenet5", (1, 28, 28), 10)
+    with pytest.raises(tdsearch.UserError, match=r"excludes the batch dimension") as err:
+        tdsearch.count_macs(model, (1, 1, 28, 28))
+    assert "\n" not in str(err.value)

@@ -258,8 +258,9 @@ def test_registered_with_their_formats():
 @pytest.mark.parametrize(
     "options,message",
     [
-        ({"rho": [1e-2, 1e-3]}, "rho must be a range"),
-        ({"rho": 0}, "rho must be a range"),
+        ({"rho": [1e-2, 1e-3]}, "rho must be a finite range"),
+        ({"rho": 0}, "rho must be a finite range"),
+        ({"rho": float("inf")}, "rho must be a finite range"),
         ({"update_unit": "batch"}, "update_unit must be one of"),
         ({"update_every": 0}, "update_every must be at least 1"),
         ({"admm_epochs": -1}, "admm_epochs must be 0 or more"),
@@ -275,9 +276,8 @@ def test_bad_options_are_one_sentence(options, message):
 
 @pytest.fixture(scope="module")
 def admm_lstm_run(wordnet_task):
-    """ADMM-TT on the text model's LSTM (every weight matrix a TT-matrix at ranks 4, 4), on real
-    WordNet glosses: 3 ADMM epochs, then 1 fine-tuning epoch of the factorized LSTM (~100 s:
-    the factorized LSTM runs step by step)."""
+    """ADMM-TT on the text model's LSTM (every weight matrix a TT-matrix at ranks 16, 16), on
+    real WordNet glosses: 3 ADMM epochs, then 1 fine-tuning epoch of the factorized LSTM."""
     info = {i.name: i for i in wordnet_task.layers}["lstm"]
     table = RankTable([("lstm", make_spec(info, "tt-matrix", (16, 16)))])
     reporter = RecordingReporter()
