@@ -183,6 +183,11 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
         help="comma-separated: accuracy and params, macs, latency (default accuracy,params,macs)",
     )
     g.add_argument("--latency-batch", type=_positive_int, help="batch size of latency (1)")
+    g.add_argument(
+        "--latency-runtime",
+        help="where latency is measured: torch (eager, default) or onnxruntime (the compact "
+        "model exported to ONNX)",
+    )
     g.add_argument("--early-stopping", help="pareto (default), asha or none")
     g.add_argument(
         "--max-failures", type=int, help="retries of a trial whose worker or node died (3)"

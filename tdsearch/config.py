@@ -32,6 +32,8 @@ from tdsearch.scoring import Score
 from tdsearch.training import OPTIMIZERS, TrainSettings
 
 SAMPLERS = ("tpe", "nsga2", "random")
+#: where the latency objective is measured: PyTorch eager, or the exported ONNX file in ONNX Runtime
+LATENCY_RUNTIMES = ("torch", "onnxruntime")
 EARLY_STOPPING = ("pareto", "asha", "none")
 #: ``accuracy`` is the quality objective (whatever the score is); ``flops`` is read as ``macs``
 #: (the name before multiply-accumulates were called what they are).
@@ -227,6 +229,7 @@ class ExecutionSettings:
     initial_trials: int = 0
     objectives: list[str] = field(default_factory=lambda: ["accuracy", "params", "macs"])
     latency_batch: int = 1
+    latency_runtime: str = "torch"
     early_stopping: str = "pareto"
     max_failures: int = 3
     fresh_workers: bool = False
@@ -235,6 +238,7 @@ class ExecutionSettings:
     def __post_init__(self) -> None:
         _choice("sampler", self.sampler, SAMPLERS)
         _choice("early_stopping", self.early_stopping, EARLY_STOPPING)
+        _choice("latency_runtime", self.latency_runtime, LATENCY_RUNTIMES)
         _at_least(self, ("budget", "concurrency", "latency_batch"), 1)
         _at_least(self, ("initial_trials", "max_failures"), 0)
         if self.cpus_per_trial is not None and self.cpus_per_trial <= 0:
@@ -249,6 +253,10 @@ class ExecutionSettings:
                 f"macs, latency (got {','.join(self.objectives)})"
             )
         object.__setattr__(self, "objectives", list(dict.fromkeys(objectives)))
+        if self.latency_runtime == "onnxruntime" and "latency" in self.objectives:
+            from tdsearch.deploy.onnx import require_onnx
+
+            require_onnx()  # a missing extra is one sentence now, not a failed trial later
 
     @property
     def resolved_cpus_per_trial(self) -> float:

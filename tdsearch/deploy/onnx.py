@@ -179,6 +179,24 @@ def torch_latency(model: nn.Module, x: torch.Tensor, repeats: int = 30, warmup: 
         return _median_ms(lambda: model(x), repeats, warmup)
 
 
+def onnx_model_latency(
+    model: nn.Module, input_shape: Sequence[int], batch: int, repeats: int = 30
+) -> float:
+    """Median milliseconds of ``model`` exported to ONNX (unchecked, a temporary file) and run
+    in ONNX Runtime on ``batch`` random inputs: the latency objective of a search with
+    ``--latency-runtime onnxruntime``. The model is moved to the CPU and back."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            model = model.cpu().eval()
+            _write_onnx(model, example_input(model, input_shape, 2), path)
+            return onnx_latency(path, example_input(model, input_shape, batch), repeats)
+    finally:
+        model.to(device).train(was_training)
+
+
 def deployment_latency(
     dense: nn.Module,
     compact: nn.Module,

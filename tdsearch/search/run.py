@@ -434,6 +434,7 @@ def _make_tuner(
         threads=max(1, int(cpus)),
         objectives=tuple(config.objectives),
         latency_batch=config.latency_batch,
+        latency_runtime=config.latency_runtime,
     )
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, task=task, space=space, settings=settings),

@@ -28,6 +28,7 @@ from ray import tune
 from torch import nn
 
 from tdsearch.checkpoint import save_compressed
+from tdsearch.deploy.onnx import onnx_model_latency
 from tdsearch.spaces import SearchSpace
 from tdsearch.task import Task
 from tdsearch.tensor import RankTable, measure_latency, table_of
@@ -47,6 +48,7 @@ class TrialSettings:
     threads: int = 1
     objectives: tuple[str, ...] = ("accuracy", "params", "macs")
     latency_batch: int = 1
+    latency_runtime: str = "torch"
 
 
 class TuneReporter:
@@ -100,12 +102,17 @@ class TuneReporter:
             "rss_start_mb": self.rss_start_mb,
         }
         if model is not None and "latency" in self.settings.objectives:
-            result["latency_ms"] = measure_latency(
-                model,
-                self.task.input_shape,
-                batch_size=self.settings.latency_batch,
-                device=self.device,
-            )
+            if self.settings.latency_runtime == "onnxruntime":
+                result["latency_ms"] = onnx_model_latency(
+                    model, self.task.input_shape, self.settings.latency_batch
+                )
+            else:
+                result["latency_ms"] = measure_latency(
+                    model,
+                    self.task.input_shape,
+                    batch_size=self.settings.latency_batch,
+                    device=self.device,
+                )
         if final and model is not None and self.task.data.test is not None:
             score = self.task.score
             result[score.test_column], _ = evaluate(

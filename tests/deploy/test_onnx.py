@@ -103,3 +103,16 @@ def test_the_python_api_exports(tmp_path):
     model = build_model("lenet5", LENET, 10).eval()
     compact = compress(model, RankTable([("conv2", LayerRanks("tucker2", (4, 4)))]))
     assert tdsearch.export_onnx(compact, tmp_path / "m.onnx", LENET) < 1e-4
+
+
+def test_the_latency_objective_runs_in_either_runtime():
+    from tdsearch.config import ExecutionSettings
+    from tdsearch.deploy.onnx import onnx_model_latency
+
+    model = build_model("lenet5", LENET, 10).train()
+    assert onnx_model_latency(model, LENET, 2, repeats=3) > 0
+    assert model.training  # handed back as it came
+    settings = ExecutionSettings(objectives=["accuracy", "latency"], latency_runtime="onnxruntime")
+    assert settings.latency_runtime == "onnxruntime"
+    with pytest.raises(tdsearch.UserError, match="unknown latency_runtime .tensorrt.; choose one of torch, onnxruntime"):
+        ExecutionSettings(latency_runtime="tensorrt")

@@ -91,6 +91,8 @@ def test_measured_latency_as_an_objective(root):
         "accuracy,params,latency",
         "--latency-batch",
         "4",
+        "--latency-runtime",
+        "onnxruntime",
         "--budget",
         "2",
         "--epochs",
@@ -113,6 +115,7 @@ def test_measured_latency_as_an_objective(root):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2
     assert all(c.data.metrics["latency_ms"] > 0 for c in children)
+    assert parent.data.params["config.latency_runtime"] == "onnxruntime"
     local = client.download_artifacts(parent.info.run_id, "pareto/pareto.csv", str(root))
     front = pd.read_csv(local)
     assert front["latency_ms"].gt(0).all()
