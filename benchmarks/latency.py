@@ -6,7 +6,8 @@ the table gives the FLOPs (MACs) reduction next to the speed-up measured against
 model, at batch 1 and batch 256. Dense and compact models are timed alternately in one process
 (median of repeated runs), so the ratios are comparable even on a shared, noisy machine.
 
-    python benchmarks/latency.py            # a few minutes on a 2-core CPU
+    python benchmarks/latency.py                          # a few minutes on a 2-core CPU
+    python benchmarks/latency.py --runtime onnxruntime    # the same, exported to ONNX
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
+from tdsearch.deploy import export_onnx
+from tdsearch.deploy.onnx import onnx_latency
 from tdsearch.models import build_model
 from tdsearch.spaces import build_space
 from tdsearch.tensor import (
@@ -54,13 +59,21 @@ def compact_model(name: str, fmt: str, fraction: float) -> torch.nn.Module:
     return compress(dense, table).eval()
 
 
-def timed_pair(dense, compact, shape, batch: int, rounds: int) -> tuple[float, float]:
-    """Median latencies (ms) of dense and compact, measured alternately."""
+def timed_pair(
+    dense, compact, shape, batch: int, rounds: int, onnx: tuple[Path, Path] | None = None
+) -> tuple[float, float]:
+    """Median latencies (ms) of dense and compact, measured alternately: in PyTorch, or in
+    ONNX Runtime when ``onnx`` holds the two exported files."""
     dense_times, compact_times = [], []
     repeats = 20 if batch == 1 else 3
+    x = torch.randn(batch, *shape)
     for _ in range(rounds):
-        dense_times.append(measure_latency(dense, shape, batch_size=batch, repeats=repeats))
-        compact_times.append(measure_latency(compact, shape, batch_size=batch, repeats=repeats))
+        if onnx is None:
+            dense_times.append(measure_latency(dense, shape, batch_size=batch, repeats=repeats))
+            compact_times.append(measure_latency(compact, shape, batch_size=batch, repeats=repeats))
+        else:
+            dense_times.append(onnx_latency(onnx[0], x, repeats))
+            compact_times.append(onnx_latency(onnx[1], x, repeats))
     dense_times.sort()
     compact_times.sort()
     return dense_times[len(dense_times) // 2], compact_times[len(compact_times) // 2]
@@ -70,9 +83,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--runtime",
+        choices=["torch", "onnxruntime"],
+        default="torch",
+        help="time PyTorch eager, or both models exported to ONNX in ONNX Runtime",
+    )
     args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp())
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}\n")
+    print(
+        f"{args.runtime}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.machine()}\n"
+    )
     print(
         "| model | format | rank fraction | params ↓ | MACs ↓ | speed-up b=1 | speed-up b=256 |"
         " speed-up / MACs ↓ at b=256 |"
@@ -81,13 +104,19 @@ def main() -> None:
     for name, (shape, classes) in MODELS.items():
         dense = build_model(name, shape, classes).eval()
         dense_macs, dense_params = count_flops(dense, shape), count_params(dense)
+        if args.runtime == "onnxruntime":
+            export_onnx(dense, tmp / "dense.onnx", shape)
         for fmt in FORMATS:
             for fraction in args.fractions:
                 compact = compact_model(name, fmt, fraction)
                 reduction = dense_macs / count_flops(compact, shape)
+                files = None
+                if args.runtime == "onnxruntime":
+                    export_onnx(compact, tmp / "compact.onnx", shape)
+                    files = (tmp / "dense.onnx", tmp / "compact.onnx")
                 speedups = []
                 for batch in (1, 256):
-                    d, c = timed_pair(dense, compact, shape, batch, args.rounds)
+                    d, c = timed_pair(dense, compact, shape, batch, args.rounds, files)
                     speedups.append(d / c)
                 print(
                     f"| {name} | {fmt} | {fraction:.2f} | "
