@@ -114,5 +114,5 @@ def test_the_latency_objective_runs_in_either_runtime():
     assert model.training  # handed back as it came
     settings = ExecutionSettings(objectives=["accuracy", "latency"], latency_runtime="onnxruntime")
     assert settings.latency_runtime == "onnxruntime"
-    with pytest.raises(tdsearch.UserError, match="unknown latency_runtime .tensorrt.; choose one of torch, onnxruntime"):
+    with pytest.raises(tdsearch.UserError, match=r"unknown latency_runtime .* torch, onnxruntime"):
         ExecutionSettings(latency_runtime="tensorrt")
