@@ -15,5 +15,12 @@ class UserError(ValueError):
     exit_code = 2
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none: what a
+    one-sentence error quotes of a library's multi-line (or empty) message."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the trial is recorded as failed."""

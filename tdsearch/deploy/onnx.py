@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tdsearch.errors import UserError
+from tdsearch.errors import UserError, first_line
 from tdsearch.tensor.counting import probe_dtypes
 from tdsearch.utils import atomic_write
 
@@ -79,8 +79,7 @@ def _write_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> None:
                 model, (x,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False
             )
     except Exception as err:  # the exporter raises many types; the user needs one sentence
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"the model does not export to ONNX: {first}") from None
+        raise UserError(f"the model does not export to ONNX: {first_line(err)}") from None
     finally:
         quiet.setLevel(level)
     atomic_write(path, lambda target: program.save(str(target)))

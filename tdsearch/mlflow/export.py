@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tdsearch.analysis import TrialRecord, select_trial
-from tdsearch.errors import UserError
+from tdsearch.errors import UserError, first_line
 from tdsearch.mlflow.tracking import TAG_SEARCH, Tracker
 from tdsearch.scoring import ACCURACY, Score
 from tdsearch.tensor import RankTable
@@ -92,9 +92,7 @@ def download_checkpoint(tracker: Tracker, run_id: str, trial: int, directory: Pa
     try:
         return tracker.download_artifact(run_id, "model/model.pt", directory)
     except Exception as err:
-        raise UserError(
-            f"trial {trial} has no model checkpoint ({str(err).splitlines()[0]})"
-        ) from None
+        raise UserError(f"trial {trial} has no model checkpoint ({first_line(err)})") from None
 
 
 def write_onnx(tracker: Tracker, selected: Selected, path: Path, *, latency: bool = True):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tdsearch.errors import UserError
+from tdsearch.errors import UserError, first_line
 from tdsearch.models.lenet import LeNet5
 from tdsearch.models.resnet import CifarResNet
 from tdsearch.models.text import TextLSTM
@@ -191,9 +191,9 @@ def _check_picklable(model: nn.Module) -> None:
     try:
         cloudpickle.dumps(model)
     except Exception as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(
-            f"model {type(model).__name__} cannot be pickled to reach the trials ({reason}); "
+            f"model {type(model).__name__} cannot be pickled to reach the trials "
+            f"({first_line(err)}); "
             "pass a factory that builds it instead, e.g. create_search(model=make_model, ...) "
             "with weights loaded inside make_model"
         ) from None

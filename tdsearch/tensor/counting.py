@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from tdsearch.errors import UserError
+from tdsearch.errors import UserError, first_line
 
 
 def count_params(model: nn.Module) -> int:
@@ -101,11 +101,9 @@ def _counted(model: nn.Module, input_shape: Sequence[int]) -> tuple[FlopCounterM
                 return counter, extra
             except (RuntimeError, TypeError, IndexError) as err:
                 if k == len(dtypes) - 1:
-                    text = str(err).strip()
-                    first = text.splitlines()[0] if text else type(err).__name__
                     raise UserError(
                         f"the model fails on one input of shape {tuple(input_shape)} (the "
-                        f"input shape excludes the batch dimension): {first}"
+                        f"input shape excludes the batch dimension): {first_line(err)}"
                     ) from err
     finally:
         model.train(was_training)
