@@ -7,6 +7,10 @@ each child run and finds the run again by it.
 A tracking server that stops answering does not stop the search: the trials whose writes failed
 are held (Ray Tune keeps their results), the server is asked every few seconds whether it is
 back, and then each held trial is written from Tune's record (:func:`write_trial`, idempotent).
+
+A driver killed between a trial's end and Ray Tune's next save of its experiment state leaves a
+trial that MLflow has as ended and Tune as unfinished: the resumed search runs it again. Its run
+from before stands (one ended run per trial); the repeat writes nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Callable
 
 from ray.tune import Callback
 
-from tdsearch.mlflow.tracking import Tracker, TrackingUnavailable
+from tdsearch.mlflow.tracking import TAG_TRIAL_ID, Tracker, TrackingUnavailable
 from tdsearch.search.sync import (
     RunLayout,
     TuneTrial,
@@ -61,6 +65,8 @@ class MlflowTrialLogger(Callback):
         self._logged_table: set[str] = set()
         self._closed: set[str] = set()
         self._tagged_node: set[str] = set()
+        #: trials whose runs an earlier driver of this search closed (read once per driver)
+        self._ended_earlier: set[str] | None = None
         #: every result each trial reported (what a held trial is written from)
         self._results: dict[str, list[dict]] = {}
         #: trials with writes held back while the server is away
@@ -77,6 +83,7 @@ class MlflowTrialLogger(Callback):
             "_logged_table": set(),
             "_closed": set(),
             "_tagged_node": set(),
+            "_ended_earlier": None,
             "_results": {},
             "held": {},
             "_outage_started": None,
@@ -130,6 +137,8 @@ class MlflowTrialLogger(Callback):
             self._hold(trial)
             return
         try:
+            if trial.trial_id in self._trials_ended_earlier():
+                return
             action()
         except TrackingUnavailable as err:
             self._outage_started = time.monotonic()
@@ -138,6 +147,17 @@ class MlflowTrialLogger(Callback):
             self.out(
                 f"{err}; the search goes on and writes the runs it holds when the server is back"
             )
+
+    def _trials_ended_earlier(self) -> set[str]:
+        """Trials with a FINISHED or FAILED run that this driver did not write: ended under an
+        earlier driver of a resumed search (empty for a new one)."""
+        if self._ended_earlier is None:
+            self._ended_earlier = {
+                r.data.tags.get(TAG_TRIAL_ID, "")
+                for r in self.tracker.children(self.parent_id)
+                if r.info.status in ("FINISHED", "FAILED")
+            }
+        return self._ended_earlier
 
     def _hold(self, trial) -> None:
         if trial.trial_id not in self.held:

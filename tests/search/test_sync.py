@@ -5,6 +5,7 @@ on SQLite; the same against a real server that stops: tests/tracking/)."""
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -152,6 +153,39 @@ def test_the_trial_logger_holds_trials_while_the_server_is_away_and_writes_them_
     for run in runs.values():
         assert run.info.status == "FINISHED"
         assert steps(tracker, run.info.run_id) == [1, 2]
+
+
+def test_a_trial_ended_under_a_killed_driver_and_run_again_on_resume_keeps_its_one_run(tmp_path):
+    # The driver was killed after trial a's run was closed but before Ray Tune saved that the
+    # trial had ended: the resumed search (a fresh logger, as Tuner.restore unpickles it) runs a
+    # again. Its run stands as written; only b, which never ended, gets a new run.
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "tdsearch")
+    tracker.connect()
+    parent = parent_of(tracker)
+    before = MlflowTrialLogger(tracker, parent, LAYOUT, out=print)
+    a, b = fake_trial("a", 1), fake_trial("b", 2)
+    for epoch in (1, 2):
+        before.on_trial_result(0, [], a, result(epoch))
+    a.status = "TERMINATED"
+    before.on_trial_complete(0, [], a)
+    before.on_trial_result(0, [], b, result(1))
+    tracker.close_running_children(parent, "interrupted")  # what the resume does first
+
+    after = pickle.loads(pickle.dumps(before))
+    a.status, b.status = "RUNNING", "RUNNING"
+    for trial in (a, b):
+        after.on_trial_start(0, [], trial)
+        for epoch in (1, 2):
+            after.on_trial_result(0, [], trial, result(epoch, val_accuracy=0.1))
+        trial.status = "TERMINATED"
+        after.on_trial_complete(0, [], trial)
+
+    runs = tracker.children(parent)
+    ended = [r for r in runs if r.info.status == "FINISHED"]
+    assert sorted(r.data.tags["tdsearch.trial_id"] for r in ended) == ["a", "b"]
+    (run_a,) = [r for r in runs if r.data.tags["tdsearch.trial_id"] == "a"]
+    history = tracker.client.get_metric_history(run_a.info.run_id, "val_accuracy")
+    assert sorted((m.step, m.value) for m in history) == [(1, 0.6), (2, 0.7)]
 
 
 def test_only_a_server_failure_counts_as_an_outage():
