@@ -15,7 +15,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 def run_example(name: str, tmp_path: Path) -> str:
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), "--budget", "3", "--storage", "runs"],
+        [sys.executable, str(EXAMPLES / name), "--budget", "2", "--storage", "runs"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
