@@ -4,8 +4,10 @@ Export is PyTorch's own (``torch.onnx.export`` with ``dynamo=True``, a dynamic b
 dimension): every factorized layer of tdsearch is plain tensor code (convolutions, ``einsum``,
 gathers, the LSTM's unrolled steps), so it exports as it runs, with no custom operators. The
 check runs the file in ONNX Runtime on random inputs and compares with the PyTorch model.
-Batch norm is not folded here: ONNX Runtime fuses a Conv followed by BatchNormalization when
-it loads the graph (its basic graph optimisations), which is where the file runs.
+Batch norm needs no code of ours either: the exporter's graph optimiser folds each batch norm
+into the Conv before it, so the file of a compact model whose factorized convs end in a Conv
+(tt, tucker2, svd, CEPD's low-rank branch) has no BatchNormalization node left; only a batch
+norm after an einsum (a TT-matrix conv) stays a node of its own.
 
 Needs the ``onnx`` extras (``pip install 'tdsearch[onnx]'``: onnx, onnxscript, onnxruntime).
 """

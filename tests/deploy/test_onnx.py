@@ -76,6 +76,24 @@ def test_every_compact_model_exports_and_onnx_runtime_matches_pytorch(case, tmp_
         torch.testing.assert_close(torch.from_numpy(got), compact(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["tt", "tucker2", "svd"])
+def test_batch_norm_is_folded_into_the_last_factor_conv_of_the_file(fmt, tmp_path):
+    import onnx
+
+    shape = (3, 32, 32)
+    dense = build_model("resnet20", shape, 10).eval()
+    infos = survey(dense, shape)[0]
+    conv = next(i for i in infos if i.name == "layer2.0.conv1")
+    ranks = {"tt": (8, 8), "tucker2": (8, 8), "svd": (8,)}[fmt]
+    table = RankTable([(conv.name, make_spec(conv, fmt, ranks))])
+    compact = compress(dense, table).eval()
+    path = tmp_path / "model.onnx"
+    assert export_onnx(compact, path, shape) < 1e-4
+    ops = [node.op_type for node in onnx.load(path).graph.node]
+    assert "BatchNormalization" not in ops
+    assert ops.count("Conv") == 19 + (2 if fmt != "svd" else 1)  # the factor convs
+
+
 def test_latency_is_measured_for_both_models_in_both_runtimes(tmp_path):
     model = build_model("lenet5", LENET, 10).eval()
     compact = compress(model, _table(model, LENET, {"conv2": ("tucker2", (4, 4), None)}))
