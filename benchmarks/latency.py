@@ -117,7 +117,7 @@ def main() -> None:
     for name, (shape, classes) in MODELS.items():
         dense = build_model(name, shape, classes).eval()
         dense_macs, dense_params = count_flops(dense, shape), count_params(dense)
-        dense_run = torch.compile(dense) if compiled else dense
+        dense_run = dense
         if args.runtime == "onnxruntime":
             export_onnx(dense, tmp / "dense.onnx", shape)
         for fmt in FORMATS:
@@ -128,7 +128,13 @@ def main() -> None:
                 if args.runtime == "onnxruntime":
                     export_onnx(compact, tmp / "compact.onnx", shape)
                     files = (tmp / "dense.onnx", tmp / "compact.onnx")
-                compact_run = torch.compile(compact) if compiled else compact
+                compact_run = compact
+                if compiled:
+                    # every compact model has the same forward code as the dense one: without
+                    # a reset Dynamo counts each as a recompile of it and, past its limit (8),
+                    # silently runs the rest eagerly
+                    torch._dynamo.reset()
+                    dense_run, compact_run = torch.compile(dense), torch.compile(compact)
                 speedups = []
                 try:
                     for batch in (1, 256):

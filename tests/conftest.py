@@ -119,3 +119,43 @@ def wordnet_task(cache_dir) -> Task:
         max_train_samples=8000,
     )
     return load_task(spec, cache_dir=cache_dir, log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def digits_search(tmp_path_factory) -> dict:
+    """One 4-trial search named ``demo`` on digits (two epochs per trial), run with the CLI in a
+    fresh directory: what the end-to-end tests and the browser test look at."""
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    from tdsearch.config import SearchConfig
+
+    root = tmp_path_factory.mktemp("search")
+    cache = str(root / "cache")
+    args = ["--dataset", "digits", "--budget", "4", "--epochs", "2", "--baseline-epochs", "8"]
+    result = subprocess.run(
+        [sys.executable, "-m", "tdsearch", *args, "--cache-dir", cache, "--name", "demo"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("tdsearch")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parent = next(r for r in runs if r.data.tags.get("tdsearch.role") == "search")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    config = SearchConfig.from_sources(
+        None, {"dataset": "digits", "baseline_epochs": 8, "cache_dir": cache}
+    )
+    return {
+        "root": root,
+        "stdout": result.stdout,
+        "client": client,
+        "parent": parent,
+        "children": children,
+        "config": config,
+    }

@@ -1,7 +1,7 @@
-"""The MLflow UI, as a user sees it in a real (headless) Chromium: a small search, ``tdsearch ui``
-on a free loopback port, the parent run and its nested trial runs listed, the parent's Pareto
-artifact reachable. Saves a screenshot (to ``$TDSEARCH_SCREENSHOT_DIR`` when set, which is how
-``docs/images/`` gets its picture)."""
+"""The MLflow UI, as a user sees it in a real (headless) Chromium: the end-to-end tests'
+search, ``tdsearch ui`` on a free loopback port, the parent run and its nested trial runs
+listed, the parent's Pareto artifact reachable. Saves a screenshot (to
+``$TDSEARCH_SCREENSHOT_DIR`` when set, which is how ``docs/images/`` gets its picture)."""
 
 from __future__ import annotations
 
@@ -50,32 +50,9 @@ def _wait_http(url: str, timeout: float = 120) -> None:
 
 
 @pytest.fixture(scope="module")
-def ui(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ui")
-    search = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tdsearch",
-            "--dataset",
-            "digits",
-            "--budget",
-            "3",
-            "--epochs",
-            "1",
-            "--baseline-epochs",
-            "5",
-            "--name",
-            "browser-demo",
-            "--cache-dir",
-            "cache",
-        ],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert search.returncode == 0, search.stdout + search.stderr
+def ui(digits_search):
+    """``tdsearch ui`` over the 4-trial search of the end-to-end tests (tests/conftest.py)."""
+    root = digits_search["root"]
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "tdsearch", "ui", "--port", str(port)],
@@ -135,8 +112,8 @@ def test_the_parent_run_and_its_trials_are_listed(ui, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
     browser.get(ui["url"])
-    _wait_text(browser, "browser-demo")
-    _wait_text(browser, "4 matching runs")  # the parent and its three trials
+    _wait_text(browser, "demo")
+    _wait_text(browser, "5 matching runs")  # the parent and its four trials
     expanders = browser.find_elements(
         By.CSS_SELECTOR, "button[aria-label*='xpand'], [role='row'] button"
     )
@@ -144,7 +121,7 @@ def test_the_parent_run_and_its_trials_are_listed(ui, browser, tmp_path):
         if button.is_displayed():
             button.click()
             break
-    for trial in ("trial-0001", "trial-0002", "trial-0003"):
+    for trial in ("trial-0001", "trial-0002", "trial-0003", "trial-0004"):
         _wait_text(browser, trial)
     shot_dir = Path(os.environ.get("TDSEARCH_SCREENSHOT_DIR", tmp_path))
     shot_dir.mkdir(parents=True, exist_ok=True)
@@ -168,4 +145,4 @@ def test_the_parent_pareto_artifact_is_reachable(ui, browser):
     with urllib.request.urlopen(
         f"{base}/get-artifact?path=pareto/pareto.md&run_uuid={run_id}", timeout=30
     ) as r:
-        assert r.read().decode().startswith("# Pareto front: browser-demo")
+        assert r.read().decode().startswith("# Pareto front: demo")

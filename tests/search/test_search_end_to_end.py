@@ -12,15 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from mlflow import MlflowClient
 
 import tdsearch
-from tdsearch.config import SearchConfig
 from tdsearch.task import load_task
 from tdsearch.tensor import RankTable, compress, count_params
 from tdsearch.training import evaluate
 
-BUDGET = 4
+BUDGET = 4  # the budget of the digits_search fixture (tests/conftest.py)
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -34,41 +32,8 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory):
-    """One 4-trial search on digits (one epoch per trial) in a fresh directory."""
-    root = tmp_path_factory.mktemp("search")
-    args = [
-        "--dataset",
-        "digits",
-        "--budget",
-        str(BUDGET),
-        "--epochs",
-        "2",
-        "--baseline-epochs",
-        "8",
-        "--cache-dir",
-        str(root / "cache"),
-        "--name",
-        "e2e",
-    ]
-    result = run(*args, cwd=root)
-    assert result.returncode == 0, result.stdout + result.stderr
-    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
-    experiment = client.get_experiment_by_name("tdsearch")
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    parent = next(r for r in runs if r.data.tags.get("tdsearch.role") == "search")
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    config = SearchConfig.from_sources(
-        None, {"dataset": "digits", "baseline_epochs": 8, "cache_dir": str(root / "cache")}
-    )
-    return {
-        "root": root,
-        "stdout": result.stdout,
-        "client": client,
-        "parent": parent,
-        "children": children,
-        "config": config,
-    }
+def search(digits_search):
+    return digits_search
 
 
 def test_progress_and_summary_are_printed(search):
@@ -185,11 +150,11 @@ def test_export_reloads_to_what_the_trial_reported(search):
 
 def test_a_second_search_never_reuses_the_first_ones_name(search):
     root = search["root"]
-    state_before = (root / "tdsearch-runs" / "e2e" / "tdsearch.json").read_text()
-    clash = run("--dataset", "digits", "--name", "e2e", "--budget", "1", cwd=root)
+    state_before = (root / "tdsearch-runs" / "demo" / "tdsearch.json").read_text()
+    clash = run("--dataset", "digits", "--name", "demo", "--budget", "1", cwd=root)
     assert clash.returncode == 2
     assert "already exists" in clash.stderr and "--resume" in clash.stderr
-    assert (root / "tdsearch-runs" / "e2e" / "tdsearch.json").read_text() == state_before
+    assert (root / "tdsearch-runs" / "demo" / "tdsearch.json").read_text() == state_before
 
 
 def test_export_constraints_no_trial_meets_are_a_one_line_error(search):
