@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -22,7 +23,17 @@ from pathlib import Path
 
 from tdsearch.errors import UserError
 
-SUBCOMMANDS = ("search", "layers", "baseline", "space", "export", "ui", "compare", "sync")
+SUBCOMMANDS = (
+    "search",
+    "layers",
+    "baseline",
+    "space",
+    "allocate",
+    "export",
+    "ui",
+    "compare",
+    "sync",
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -296,6 +307,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("layers", help="list a model's decomposable layers and their rank limits")
     _add_task_options(p)
     p.set_defaults(handler=_cmd_layers)
+
+    p = sub.add_parser(
+        "allocate",
+        help="one-shot ranks for a parameter budget from the trained weights (no search)",
+    )
+    _add_task_options(p)
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument(
+        "--ratio", type=float, help="fewer params than the dense model by this factor, e.g. 10"
+    )
+    budget.add_argument("--max-params", type=_positive_int, help="most params of the model")
+    p.add_argument(
+        "--format",
+        dest="conv_format",
+        default="tt",
+        help="format of the conv layers: tt (default), tucker2 or svd; linear layers take svd",
+    )
+    p.add_argument("-o", "--output", help="rank table file (.yaml, .json, .csv or .md)")
+    p.add_argument(
+        "--checkpoint", help="also write the compressed model (not fine-tuned) here (.pt)"
+    )
+    p.set_defaults(handler=_cmd_allocate)
 
     p = sub.add_parser("baseline", help="train (or load from cache) the dense baseline")
     _add_task_options(p)
@@ -583,6 +616,83 @@ def _cmd_layers(args: argparse.Namespace) -> int:
                 ["layer", "type", "params", "why"],
             )
         )
+    return 0
+
+
+def _cmd_allocate(args: argparse.Namespace) -> int:
+    from tdsearch.allocation import ALLOCATABLE, allocate
+    from tdsearch.checkpoint import save_compressed
+    from tdsearch.spaces.layers import default_layers
+    from tdsearch.task import load_task
+    from tdsearch.tensor import compress, count_params
+    from tdsearch.tensor.rank_table import format_from_suffix
+    from tdsearch.training import default_device, evaluate
+    from tdsearch.utils import format_table, human_count
+
+    if args.conv_format not in ALLOCATABLE["conv"]:
+        raise UserError(
+            f"--format {args.conv_format!r}: one-shot allocation knows "
+            f"{', '.join(ALLOCATABLE['conv'])} for conv layers"
+        )
+    if args.ratio is not None and not (math.isfinite(args.ratio) and args.ratio > 1):
+        raise UserError(f"--ratio must be a number above 1, got {args.ratio:g}")
+    fmt = None
+    default_store = f"sqlite:///{Path('mlflow.db').resolve()}"  # never written over
+    if args.output:
+        try:
+            fmt = format_from_suffix(Path(args.output))
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        _check_output(Path(args.output), "-o", default_store)
+    if args.checkpoint:
+        _check_output(Path(args.checkpoint), "--checkpoint", default_store)
+    spec = _task_settings(args).task_spec()
+    task = load_task(spec, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    model = task.dense_model()
+    dense_params = count_params(model)
+    max_params = args.max_params or int(dense_params / args.ratio)
+    layers = [i for i in default_layers(task.layers) if i.kind in ALLOCATABLE and i.groups == 1]
+    if not layers:
+        raise UserError(f"{spec.model_label} has no conv or linear layer to allocate ranks to")
+    allocation = allocate(model, layers, max_params=max_params, formats={"conv": args.conv_format})
+    compact = compress(model, allocation.table)
+    score, _ = evaluate(
+        compact, task.data, task.data.val, device=default_device(), score=task.score
+    )
+    rows = [
+        [
+            name,
+            choice.spec.format,
+            ",".join(map(str, choice.spec.ranks)),
+            f"{human_count(info.weight_count)} -> {human_count(choice.params)}",
+            f"{choice.error:.3f}",
+        ]
+        for info in layers
+        for name, choice in [(info.name, allocation.choices[info.name])]
+    ]
+    print(format_table(rows, ["layer", "format", "ranks", "weights", "rel. error"]))
+    print(
+        f"{human_count(dense_params)} -> {human_count(allocation.params)} params "
+        f"({allocation.compression:.1f}x, budget {human_count(max_params)}); largest relative "
+        f"weight error {allocation.max_error:.3f}; validation {task.score.name} before "
+        f"fine-tuning {score:.4f} (dense {task.baseline_metrics[task.score.column]:.4f})"
+    )
+    if args.output:
+        try:
+            path = allocation.table.save(args.output, fmt)
+        except OSError as err:
+            raise UserError(f"cannot write -o {args.output}: {err.strerror or err}") from None
+        print(f"rank table written to {path}")
+    if args.checkpoint:
+        path = save_compressed(
+            Path(args.checkpoint),
+            compact,
+            allocation.table,
+            model_spec=spec.model_source.spec,
+            input_shape=task.input_shape,
+            num_classes=task.num_classes,
+        )
+        print(f"compressed model written to {path} (load with tdsearch.load_compressed)")
     return 0
 
 

@@ -1,0 +1,129 @@
+"""One-shot rank allocation (ALDS's min-max relative error for a budget) on LeNet-5 trained on
+digits: the spectral errors are the errors ``compress`` reaches (exactly for SVD, as an upper
+bound for Tucker-2 and TT), the budget holds, and the allocation's largest error is below that
+of uniform ranks with as many params."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from tdsearch.allocation import allocate, error_curve
+from tdsearch.cli import main
+from tdsearch.errors import UserError
+from tdsearch.spaces import build_space
+from tdsearch.tensor import RankTable, compress, count_params
+
+
+def _errors(model, table: RankTable) -> dict[str, float]:
+    """‖W − Ŵ‖_F / ‖W‖_F of each layer of ``table`` once ``compress`` has built it."""
+    compact = compress(model, table)
+    errors = {}
+    for name in table:
+        dense = model.get_submodule(name).weight.detach().double()
+        approx = compact.get_submodule(name).dense_weight().detach().double()
+        errors[name] = float((dense - approx.reshape(dense.shape)).norm() / dense.norm())
+    return errors
+
+
+@pytest.mark.parametrize("name, fmt", [("fc1", "svd"), ("conv2", "svd")])
+def test_the_svd_curve_is_the_error_compress_reaches(digits_task, name, fmt):
+    model = digits_task.dense_model()
+    info = {i.name: i for i in digits_task.layers}[name]
+    curve = error_curve(info, model.get_submodule(name).weight, fmt)
+    assert [c.params for c in curve] == sorted(c.params for c in curve)
+    assert all(a.error > b.error for a, b in itertools.pairwise(curve))
+    for choice in curve[:: max(1, len(curve) // 5)]:
+        measured = _errors(model, RankTable([(name, choice.spec)]))[name]
+        assert measured == pytest.approx(choice.error, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("fmt", ["tucker2", "tt"])
+def test_the_two_rank_curves_bound_the_error_compress_reaches(digits_task, fmt):
+    model = digits_task.dense_model()
+    info = {i.name: i for i in digits_task.layers}["conv2"]
+    curve = error_curve(info, model.get_submodule("conv2").weight, fmt)
+    for choice in curve[:: max(1, len(curve) // 6)]:
+        measured = _errors(model, RankTable([("conv2", choice.spec)]))["conv2"]
+        assert measured <= choice.error + 1e-6
+
+
+@pytest.mark.parametrize("fraction", [0.15, 0.3])
+def test_the_allocation_holds_the_budget_with_a_smaller_largest_error_than_uniform_ranks(
+    digits_task, fraction
+):
+    model = digits_task.dense_model()
+    layers = digits_task.layers
+    space = build_space(layers, method="decompose", conv_format="svd", linear_format="svd")
+    uniform = space.rank_table(space.uniform_config(fraction))
+    budget = count_params(compress(model, uniform))
+    chosen = [i for i in layers if i.name in uniform]
+    allocation = allocate(model, chosen, max_params=budget, formats={"conv": "svd"})
+    assert allocation.params <= budget
+    assert count_params(compress(model, allocation.table)) == allocation.params
+    measured = _errors(model, allocation.table)
+    assert max(measured.values()) == pytest.approx(allocation.max_error, rel=1e-5)
+    # uniform ranks are one allocation within the budget: the min-max one is never worse
+    assert allocation.max_error <= max(_errors(model, uniform).values()) + 1e-9
+
+
+def test_a_budget_below_the_smallest_ranks_is_one_sentence(digits_task):
+    model = digits_task.dense_model()
+    with pytest.raises(UserError, match="below what the smallest ranks reach"):
+        allocate(model, digits_task.layers, max_params=10)
+
+
+def test_a_format_without_an_error_curve_is_refused(digits_task):
+    info = {i.name: i for i in digits_task.layers}["fc1"]
+    with pytest.raises(UserError, match="no one-shot allocation for tt"):
+        error_curve(info, torch.zeros(info.weight_shape), "tt")
+
+
+# --- tdsearch allocate ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def weights(digits_task, tmp_path) -> str:
+    """The trained digits LeNet-5 as a state_dict file: the CLI loads it instead of training."""
+    path = tmp_path / "lenet5-digits.pt"
+    torch.save(digits_task.dense_model().state_dict(), path)
+    return str(path)
+
+
+def test_allocate_writes_a_rank_table_and_a_model_within_the_ratio(
+    weights, tmp_path, capsys, monkeypatch
+):
+    import tdsearch
+
+    monkeypatch.chdir(tmp_path)
+    args = ["allocate", "--dataset", "digits", "--weights", weights, "--ratio", "10"]
+    assert main([*args, "-o", "ranks.yaml", "--checkpoint", "model.pt"]) == 0
+    out = capsys.readouterr().out
+    assert "before fine-tuning" in out and "rank table written to" in out
+    table = RankTable.load(tmp_path / "ranks.yaml")
+    assert set(table) == {"conv2", "fc1"} and table["conv2"].format == "tt"
+    model = tdsearch.load_compressed(tmp_path / "model.pt")
+    dense = sum(p.numel() for p in torch.load(weights).values())
+    assert count_params(model) <= dense / 10
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--ratio", "0.5"], "--ratio must be a number above 1"),
+        (["--ratio", "nan"], "--ratio must be a number above 1"),
+        (["--ratio", "10", "--format", "tt-matrix"], "knows svd, tucker2, tt"),
+        (["--max-params", "10"], "below what the smallest ranks reach"),
+        (["--ratio", "10", "--max-params", "5000"], "not allowed with argument"),
+        ([], "one of the arguments --ratio --max-params is required"),
+        (["--ratio", "10", "-o", "ranks.txt"], "cannot tell the table format"),
+    ],
+)
+def test_allocate_bad_input_is_one_line(weights, tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(["allocate", "--dataset", "digits", "--weights", weights, *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lenet5-digits.pt"]
