@@ -29,20 +29,24 @@ import torch
 from torch import nn
 
 from tdsearch.errors import UserError
-from tdsearch.tensor import LayerInfo, LayerRanks, RankTable, make_spec, rank_limits
-from tdsearch.tensor.compress import factorized_weight_macs, factorized_weight_params
+from tdsearch.tensor import LayerInfo, LayerRanks, RankTable, count_params, make_spec, rank_limits
+from tdsearch.tensor.compress import factorized_weight_params
 
 #: the formats whose error curves are known from spectra, per kind of layer
 ALLOCATABLE = {"conv": ("svd", "tucker2", "tt"), "linear": ("svd",)}
 
 
+def can_allocate(info: LayerInfo) -> bool:
+    """Whether the layer has a spectral error curve: a linear layer or an ungrouped conv."""
+    return info.kind in ALLOCATABLE and info.groups == 1
+
+
 @dataclass(frozen=True)
 class Choice:
-    """One rank choice of one layer: its ranks, weight params and MACs, and relative error."""
+    """One rank choice of one layer: its ranks, weight params and relative error."""
 
     spec: LayerRanks
     params: int
-    macs: int
     error: float
 
 
@@ -81,7 +85,7 @@ def error_curve(info: LayerInfo, weight: torch.Tensor, fmt: str) -> list[Choice]
     Raises:
         UserError: the format has no spectral error curve for this kind of layer.
     """
-    if fmt not in ALLOCATABLE.get(info.kind, ()) or info.groups != 1:
+    if not can_allocate(info) or fmt not in ALLOCATABLE[info.kind]:
         raise UserError(f"layer {info.name}: no one-shot allocation for {fmt} on this layer")
     w = weight.detach().double()
     norm = float(w.norm()) or 1.0
@@ -112,7 +116,7 @@ def error_curve(info: LayerInfo, weight: torch.Tensor, fmt: str) -> list[Choice]
         params = factorized_weight_params(info, spec)
         if params >= info.weight_count:
             continue
-        choices.append(Choice(spec, params, factorized_weight_macs(info, spec), tail / norm))
+        choices.append(Choice(spec, params, tail / norm))
     choices.sort(key=lambda c: (c.params, c.error))
     front: list[Choice] = []
     for choice in choices:
@@ -147,7 +151,7 @@ def allocate(
             kind or format has no error curve.
     """
     formats = {"conv": "tt", "linear": "svd", **(formats or {})}
-    dense_params = sum(p.numel() for p in model.parameters())
+    dense_params = count_params(model)
     curves = {}
     for info in layers:
         weight = model.get_submodule(info.name).weight
@@ -184,9 +188,8 @@ def allocate(
             high = middle
         else:
             low = middle + 1
+    # the loosest threshold picks every layer's cheapest choice, which fits (checked above)
     chosen = cheapest_within(thresholds[low])
-    if total(chosen) > max_params:  # even the loosest threshold: the smallest ranks
-        chosen = {name: curve[0] for name, curve in curves.items()}
     table = RankTable((name, chosen[name].spec) for name in curves)
     return Allocation(
         table,

@@ -620,7 +620,7 @@ def _cmd_layers(args: argparse.Namespace) -> int:
 
 
 def _cmd_allocate(args: argparse.Namespace) -> int:
-    from tdsearch.allocation import ALLOCATABLE, allocate
+    from tdsearch.allocation import ALLOCATABLE, allocate, can_allocate
     from tdsearch.checkpoint import save_compressed
     from tdsearch.spaces.layers import default_layers
     from tdsearch.task import load_task
@@ -651,7 +651,7 @@ def _cmd_allocate(args: argparse.Namespace) -> int:
     model = task.dense_model()
     dense_params = count_params(model)
     max_params = args.max_params or int(dense_params / args.ratio)
-    layers = [i for i in default_layers(task.layers) if i.kind in ALLOCATABLE and i.groups == 1]
+    layers = [i for i in default_layers(task.layers) if can_allocate(i)]
     if not layers:
         raise UserError(f"{spec.model_label} has no conv or linear layer to allocate ranks to")
     allocation = allocate(model, layers, max_params=max_params, formats={"conv": args.conv_format})
@@ -659,17 +659,18 @@ def _cmd_allocate(args: argparse.Namespace) -> int:
     score, _ = evaluate(
         compact, task.data, task.data.val, device=default_device(), score=task.score
     )
-    rows = [
-        [
-            name,
-            choice.spec.format,
-            ",".join(map(str, choice.spec.ranks)),
-            f"{human_count(info.weight_count)} -> {human_count(choice.params)}",
-            f"{choice.error:.3f}",
-        ]
-        for info in layers
-        for name, choice in [(info.name, allocation.choices[info.name])]
-    ]
+    rows = []
+    for info in layers:
+        choice = allocation.choices[info.name]
+        rows.append(
+            [
+                info.name,
+                choice.spec.format,
+                ",".join(map(str, choice.spec.ranks)),
+                f"{human_count(info.weight_count)} -> {human_count(choice.params)}",
+                f"{choice.error:.3f}",
+            ]
+        )
     print(format_table(rows, ["layer", "format", "ranks", "weights", "rel. error"]))
     print(
         f"{human_count(dense_params)} -> {human_count(allocation.params)} params "
