@@ -35,6 +35,8 @@ from tdsearch.tensor.compress import replace_module
 from tdsearch.tensor.layers import (
     Conv1dFactorized,
     FactorizedLayer,
+    FactorizedRecurrent,
+    GroupedConvFactorized,
     SVDConv2d,
     SVDLinear,
     TTConv2d,
@@ -74,51 +76,135 @@ class TemperatureSchedule:
 
 
 @dataclass(frozen=True)
+class Site:
+    """Where a rank's slices sit in one parameter: along ``dim``, which holds ``blocks`` equal
+    blocks of the rank (a grouped conv's stacked output channels: one block per group) or the
+    rank itself (``blocks`` = 1)."""
+
+    name: str
+    dim: int
+    blocks: int = 1
+
+    def scale(self, tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``tensor`` with its slice k of every block multiplied by ``mask[k]``."""
+        split = tensor.unflatten(self.dim, (self.blocks, -1))
+        shape = [1] * split.ndim
+        shape[self.dim + 1] = -1
+        return (split * mask.view(shape)).flatten(self.dim, self.dim + 1)
+
+    def select(self, tensor: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """``tensor`` with only the slices ``kept`` of every block."""
+        split = tensor.unflatten(self.dim, (self.blocks, -1))
+        return split.index_select(self.dim + 1, kept).flatten(self.dim, self.dim + 1)
+
+
+@dataclass(frozen=True)
 class RankSlot:
     """Where one inner rank lives in a factorized layer's parameters.
 
     Attributes:
-        gate: (parameter name, dim) whose slices along ``dim`` produce this rank's channels;
-            the mask multiplies them.
-        carriers: every (parameter name, dim) indexed by this rank; slicing keeps the same
-            indices in all of them.
+        gates: the sites whose slices produce this rank's channels; the mask multiplies them
+            (one site per factor chain that carries the rank: several for an LSTM's matrices,
+            whose masks are shared because the rank table gives the module one rank).
+        carriers: every site indexed by this rank; slicing keeps the same indices in all.
     """
 
-    gate: tuple[str, int]
-    carriers: tuple[tuple[str, int], ...]
+    gates: tuple[Site, ...]
+    carriers: tuple[Site, ...]
+
+    def within(self, prefix: str, blocks: dict[str, int] | None = None) -> RankSlot:
+        """This slot of a member layer held at ``prefix`` of a composite layer (parameter
+        names prefixed; ``blocks`` renames a member's parameter to a stacked one of the
+        composite with that many blocks along dim 0)."""
+        blocks = blocks or {}
+
+        def moved(site: Site) -> Site:
+            name = f"{prefix}{site.name}"
+            for old, (new, count) in blocks.items():
+                if site.name.startswith(old):
+                    name = f"{prefix}{new}{site.name[len(old) :]}"
+                    return Site(name, site.dim, count if site.dim == 0 else 1)
+            return Site(name, site.dim, site.blocks)
+
+        return RankSlot(tuple(moved(s) for s in self.gates), tuple(moved(s) for s in self.carriers))
+
+
+def _slot(gate: tuple[str, int], *carriers: tuple[str, int]) -> RankSlot:
+    return RankSlot((Site(*gate),), tuple(Site(*c) for c in carriers))
 
 
 def _chain_slots() -> tuple[RankSlot, ...]:
     # first: I -> r_in (1x1), core: r_in -> r_out (KxK), last: r_out -> O; ranks (r_out, r_in).
     return (
-        RankSlot(("core.weight", 0), (("core.weight", 0), ("last.weight", 1))),
-        RankSlot(("first.weight", 0), (("first.weight", 0), ("core.weight", 1))),
+        _slot(("core.weight", 0), ("core.weight", 0), ("last.weight", 1)),
+        _slot(("first.weight", 0), ("first.weight", 0), ("core.weight", 1)),
     )
 
 
-def _tt_matrix_slots(cores: int, offset: int) -> list[RankSlot]:
+def _svd_slots() -> tuple[RankSlot, ...]:
+    return (_slot(("first.weight", 0), ("first.weight", 0), ("last.weight", 1)),)
+
+
+def _tt_matrix_slots(cores: int) -> list[RankSlot]:
     # Core k (r_{k-1}, o_k, i_k, r_k): its trailing rank feeds the leading rank of core k + 1.
     return [
-        RankSlot((f"cores.{k}", 3), ((f"cores.{k}", 3), (f"cores.{k + 1}", 0)))
-        for k in range(cores - 1)
-    ][offset:]
+        _slot((f"cores.{k}", 3), (f"cores.{k}", 3), (f"cores.{k + 1}", 0)) for k in range(cores - 1)
+    ]
+
+
+def _merged(members: list[tuple[RankSlot, ...]]) -> tuple[RankSlot, ...]:
+    """One slot per rank position over several member layers: every member's gates and
+    carriers together, so one mask gates the rank in all of them."""
+    return tuple(
+        RankSlot(
+            tuple(site for slot in position for site in slot.gates),
+            tuple(site for slot in position for site in slot.carriers),
+        )
+        for position in zip(*members, strict=True)
+    )
 
 
 def rank_slots(layer: FactorizedLayer) -> tuple[RankSlot, ...]:
     """The slots of ``layer``'s inner ranks, in the order of ``layer.layer_ranks().ranks``.
 
+    A grouped conv's rank is each group's rank: its mask gates that slice of every group (the
+    stacked stages hold the groups as blocks along the output channels; the input channels of
+    a grouped conv's weight are already per group). An LSTM / GRU's ranks are its matrices'
+    ranks: one mask per rank gates that slice of every matrix, which needs every matrix at the
+    entry's ranks (:meth:`FactorizedRecurrent.shared_ranks`).
+
     Raises:
-        ValueError: MARS has no masks for this layer type (e.g. the CEPD L+S layer).
+        ValueError: MARS has no masks for this layer type (e.g. the CEPD L+S layer), or an
+            LSTM / GRU's matrices hold different ranks.
     """
     if isinstance(layer, Tucker2Conv2d | TTConv2d):
         return _chain_slots()
     if isinstance(layer, SVDLinear | SVDConv2d):
-        return (RankSlot(("first.weight", 0), (("first.weight", 0), ("last.weight", 1))),)
+        return _svd_slots()
     if isinstance(layer, TTMatrixLinear | TTEmbedding):
-        return tuple(_tt_matrix_slots(len(layer.cores), 0))
+        return tuple(_tt_matrix_slots(len(layer.cores)))
     if isinstance(layer, TTMatrixConv2d):
-        spatial = RankSlot(("spatial.weight", 0), (("spatial.weight", 0), ("cores.0", 0)))
-        return (spatial, *_tt_matrix_slots(len(layer.cores), 0))
+        spatial = _slot(("spatial.weight", 0), ("spatial.weight", 0), ("cores.0", 0))
+        return (spatial, *_tt_matrix_slots(len(layer.cores)))
+    if isinstance(layer, GroupedConvFactorized):
+        stages = {
+            f"{name}.": (f"stages.{k}.", layer.groups) for k, name in enumerate(layer.stage_names)
+        }
+        single = _svd_slots() if layer.format == "svd" else _chain_slots()
+        return tuple(slot.within("", stages) for slot in single)
+    if isinstance(layer, FactorizedRecurrent):
+        ranks = layer.layer_ranks().ranks
+        members = []
+        for store in ("ih", "hh"):
+            for k, matrix in enumerate(getattr(layer, store)):
+                if matrix.layer_ranks().ranks != ranks:
+                    raise ValueError(
+                        f"MARS masks an {layer.mode}'s matrices with shared masks, which needs "
+                        f"every matrix at the entry's ranks {ranks}; {store}.{k} holds "
+                        f"{matrix.layer_ranks().ranks}"
+                    )
+                members.append(tuple(s.within(f"{store}.{k}.") for s in rank_slots(matrix)))
+        return _merged(members)
     raise ValueError(
         f"MARS masks apply to Tucker-2, TT, TT-matrix and SVD layers, not {type(layer).__name__}"
     )
@@ -175,18 +261,15 @@ class MaskedLayer(nn.Module):
         #: False during the warm-up epochs: the plain factorized layer runs (Appendix C).
         self.enabled = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs):
         if not self.enabled:
-            return self.layer(x)
+            return self.layer(x, *args, **kwargs)
         params = dict(self.layer.named_parameters())
         gated: dict[str, torch.Tensor] = {}
         for slot, mask in zip(self.slots, self.masks(), strict=True):
-            name, dim = slot.gate
-            base = gated.get(name, params[name])
-            shape = [1] * base.ndim
-            shape[dim] = -1
-            gated[name] = base * mask.view(shape)
-        return functional_call(self.layer, gated, (x,))
+            for site in slot.gates:
+                gated[site.name] = site.scale(gated.get(site.name, params[site.name]), mask)
+        return functional_call(self.layer, gated, (x, *args), kwargs)
 
     def masks(self) -> list[torch.Tensor]:
         """One (r_k,) mask per rank: hard-concrete samples in training, 0/1 in eval mode."""
@@ -224,14 +307,17 @@ class MaskedLayer(nn.Module):
         layer computes in eval mode, at the selected ranks."""
         tensors = {name: p.detach().clone() for name, p in self.layer.named_parameters()}
         for slot, kept in zip(self.slots, self.kept(), strict=True):
-            for name, dim in slot.carriers:
-                tensors[name] = tensors[name].index_select(dim, kept)
+            for site in slot.carriers:
+                tensors[site.name] = site.select(tensors[site.name], kept)
         out = copy.deepcopy(self.layer)
         for name, tensor in tensors.items():
             owner, _, attr = name.rpartition(".")
             setattr(out.get_submodule(owner), attr, nn.Parameter(tensor))
         for module in out.modules():
             _sync_shape(module)
+        if isinstance(out, GroupedConvFactorized | FactorizedRecurrent):
+            # these two keep their table entry rather than reading it off their weights
+            out.set_ranks(self.selected_ranks())
         return out
 
 

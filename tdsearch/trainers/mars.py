@@ -2,7 +2,8 @@
 
 An in-loop rank selector. The trained baseline is decomposed at generous starting ranks; every
 inner rank of every decomposed layer gets a binary mask (one per TT inner rank, two per Tucker-2
-conv, one per SVD rank), and masks and cores are learnt together by relaxed MAP estimation
+conv, one per SVD rank; a grouped conv's and an LSTM's masks are shared by its groups and
+matrices, which the rank table gives one rank), and masks and cores are learnt together by relaxed MAP estimation
 (eq. 6, Algorithm 1): the batch-mean cross-entropy under hard-concrete mask samples plus
 −(E_q log p(m) + log p(G)) / N, with a Bernoulli(π) prior on the masks and a Gaussian prior
 (variance 100) on the cores. After every epoch the hard masks (logit > 0) are applied for good:
@@ -27,6 +28,7 @@ from torch import nn
 from tdsearch.spaces import Dimension
 from tdsearch.task import Task
 from tdsearch.tensor import LayerRanks, RankTable, compress, feasible_ranks, table_of
+from tdsearch.tensor.layers import FactorizedRecurrent
 from tdsearch.trainers._base import (
     Reporter,
     Trainer,
@@ -126,7 +128,6 @@ class Mars(Trainer):
     """
 
     name = "mars"
-    unsupported_layers = frozenset({"grouped conv", "LSTM/GRU"})  # masks know single layers
     options_class = MarsOptions
     selects_ranks = True
 
@@ -224,7 +225,8 @@ class Mars(Trainer):
 
 
 def starting_table(task: Task, table: RankTable, scale: float) -> RankTable:
-    """``table``'s ranks times ``scale`` (rounded up, at least 1, feasible for the layer).
+    """``table``'s ranks times ``scale`` (rounded up, at least 1, feasible for the layer; for an
+    LSTM / GRU, ranks every one of its matrices holds, since one mask per rank gates them all).
 
     Raises:
         ValueError: an entry carries κ (a CEPD L+S layer), whose ranks MARS does not select.
@@ -237,6 +239,9 @@ def starting_table(task: Task, table: RankTable, scale: float) -> RankTable:
         if spec.format != "dense":
             ranks = [max(1, math.ceil(scale * r)) for r in spec.ranks]
             spec = LayerRanks(spec.format, feasible_ranks(infos[name], spec, ranks), spec.modes)
+            if infos[name].kind == "recurrent":
+                shared = FactorizedRecurrent.shared_ranks(infos[name].weight_shape, spec)
+                spec = dataclasses.replace(spec, ranks=shared)
         layers.append((name, spec))
     return RankTable(layers)
 

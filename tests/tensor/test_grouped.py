@@ -112,7 +112,7 @@ def test_formats_and_methods_that_do_not_apply_to_grouped_convs_say_so(tmp_path)
             RankTable([("grouped", LayerRanks("tt-matrix", (2, 2), ((8, 16), (2, 2))))]),
         )
     data = TensorDataset(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))
-    with pytest.raises(tdsearch.UserError, match="mars does not factorize grouped conv"):
+    with pytest.raises(tdsearch.UserError, match="cepd does not factorize grouped conv"):
         tdsearch.create_search(
-            model=ResNeXtNet(), data=(data, data), method="mars", storage=tmp_path / "runs"
+            model=ResNeXtNet(), data=(data, data), method="cepd", storage=tmp_path / "runs"
         ).optimize(budget=1)

@@ -80,7 +80,7 @@ def test_a_low_rank_recurrent_module_is_smaller_counted_and_reloads(cls, fmt):
     assert torch.equal(shell(x), compact(x))
 
 
-@pytest.mark.parametrize("method", ["mars", "cepd", "adaptive-tucker"])
+@pytest.mark.parametrize("method", ["cepd", "adaptive-tucker"])
 def test_methods_that_cannot_factorize_recurrent_layers_say_so(method, tmp_path):
     data = TensorDataset(torch.randn(8, 10, 24), torch.randint(0, 5, (8,)))
     with pytest.raises(tdsearch.UserError, match=f"{method} does not factorize LSTM/GRU"):

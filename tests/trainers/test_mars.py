@@ -23,9 +23,10 @@ from tdsearch.tensor import (
     decomposable_layers,
     make_spec,
     rank_limits,
+    survey,
     table_of,
 )
-from tdsearch.tensor.layers import FactorizedLayer, layer_class
+from tdsearch.tensor.layers import FactorizedLayer, FactorizedRecurrent, layer_class
 from tdsearch.trainers import TRAINERS, TrialSpec, make_trainer
 from tdsearch.trainers._mars_masks import (
     MaskedLayer,
@@ -296,3 +297,116 @@ def test_warm_up_leaves_logits_untouched():
 def test_mask_set_lists_every_masked_layer():
     _, model, masks, _ = _masked_net("c2", "tt", 2)
     assert list(MaskSet(model).layers) == ["c2"] == list(masks.layers)
+
+
+# --- layers whose rank is shared by several factor chains: grouped convs, LSTM / GRU ----------
+
+
+class _GroupedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.g = nn.Conv2d(16, 24, 3, padding=1, groups=4)
+
+    def forward(self, x):
+        return self.g(x)
+
+
+class _RecurrentNet(nn.Module):
+    def __init__(self, cls):
+        super().__init__()
+        self.rnn = cls(12, 10, num_layers=2, bidirectional=True, batch_first=True)
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
+SHARED_CASES = [
+    (_GroupedNet, (16, 6, 6), "tt"),
+    (_GroupedNet, (16, 6, 6), "tucker2"),
+    (_GroupedNet, (16, 6, 6), "svd"),
+    (lambda: _RecurrentNet(nn.LSTM), (5, 12), "svd"),
+    (lambda: _RecurrentNet(nn.LSTM), (5, 12), "tt-matrix"),
+    (lambda: _RecurrentNet(nn.GRU), (5, 12), "tt-matrix"),
+]
+
+
+def _masked_shared(make, shape, fmt, seed=0):
+    torch.manual_seed(seed)
+    net = make().double()
+    info = decomposable_layers(net, shape)[0]
+    template = make_spec(info, fmt)
+    spec = make_spec(info, fmt, rank_limits(info, template))
+    if info.kind == "recurrent":  # what MARS's starting table does: ranks every matrix holds
+        shared = FactorizedRecurrent.shared_ranks(info.weight_shape, spec)
+        spec = dataclasses.replace(spec, ranks=shared)
+    table = RankTable([(info.name, spec)])
+    model = compress(net, table)
+    masks = attach_masks(model, table, alpha=0.0, generator=torch.Generator().manual_seed(seed))
+    return net, model, masks, table, info.name
+
+
+@pytest.mark.parametrize(("make", "shape", "fmt"), SHARED_CASES)
+def test_shared_masks_equal_the_sliced_grouped_or_recurrent_layer(make, shape, fmt):
+    """One mask per rank gates that rank in every group of a grouped conv and in every matrix
+    of an LSTM / GRU (the rank table gives such a layer one rank); eval mode equals the sliced
+    layer, whose ranks are the selected ones and which compress rebuilds and reloads."""
+    net, model, masks, table, name = _masked_shared(make, shape, fmt)
+    gen = torch.Generator().manual_seed(1)
+    for logits in masks.logits():
+        logits.data = torch.randn(logits.shape, generator=gen, dtype=logits.dtype)
+    model.eval()
+    x = torch.randn(3, *shape, generator=gen, dtype=torch.float64)
+    compact = compact_copy(model)
+    torch.testing.assert_close(compact(x), model(x), rtol=1e-10, atol=1e-12)
+    selected = masks.selected_ranks()[name]
+    assert compact.get_submodule(name).layer_ranks().ranks == selected
+    assert sum(selected) < sum(table[name].ranks)  # random logits close some slices
+    assert table_of(compact) == masks.selected_table()
+    rebuilt = compress(net, table_of(compact), init=False)
+    rebuilt.load_state_dict(compact.state_dict())
+    torch.testing.assert_close(rebuilt(x), compact(x))
+
+
+@pytest.mark.parametrize(("make", "shape", "fmt"), SHARED_CASES)
+def test_a_closed_training_mask_removes_its_slice_from_every_chain(make, shape, fmt):
+    _, model, masks, _, name = _masked_shared(make, shape, fmt)
+    masked = masks.layers[name]
+    masked.temperature = 1e-4
+    for logits in masked.logits:
+        logits.data.fill_(50.0)
+    masked.logits[0].data[0] = -50.0
+    x = torch.randn(2, *shape, dtype=torch.float64)
+    torch.testing.assert_close(model.train()(x), model.eval()(x))
+    assert masked.selected_ranks()[0] == masked.logits[0].numel() - 1
+
+
+def test_shared_ranks_are_held_by_every_matrix_unchanged():
+    """The LSTM's hidden-to-hidden matrices (40 x 10) cap an SVD rank at 10; the starting
+    ranks of MARS are cut to what every matrix holds, so one mask fits them all."""
+    lstm = nn.LSTM(12, 10, num_layers=2, bidirectional=True)
+    info = survey(nn.Sequential(lstm), (5, 12))[0][0]
+    shared = FactorizedRecurrent.shared_ranks(info.weight_shape, LayerRanks("svd", (30,)))
+    assert shared == (10,)
+    spec = make_spec(info, "tt-matrix", (50, 50))
+    shared = FactorizedRecurrent.shared_ranks(info.weight_shape, spec)
+    layer = compress(
+        nn.Sequential(lstm), RankTable([("0", dataclasses.replace(spec, ranks=shared))])
+    )[0]
+    assert all(m.layer_ranks().ranks == shared for m in [*layer.ih, *layer.hh])
+
+
+def test_mars_selects_the_ranks_of_an_lstm_on_real_text(wordnet_task, reporter, tmp_path):
+    """MARS on the text model's LSTM (SVD matrices, shared masks) on real WordNet glosses: the
+    ranks shrink from the starting ones, the result is a plain factorized LSTM at the selected
+    ranks that classifies far above the majority class, and it reloads."""
+    info = {i.name: i for i in wordnet_task.layers}["lstm"]
+    table = RankTable([("lstm", make_spec(info, "svd", (64,)))])
+    trainer = Mars(MarsOptions(mask_lr=0.05, fine_tune_epochs=0, pi=(1e-20, 1e-20)))
+    result = trainer.run(wordnet_task, _trial(table, 1, alpha=1.0), reporter)
+    assert isinstance(result.model.lstm, FactorizedRecurrent)
+    (rank,) = result.table["lstm"].ranks
+    assert rank < 64 and reporter.reports[-1]["rank.lstm.1"] == rank
+    assert result.metrics["val_accuracy"] > 0.2  # majority class: 12%
+    loaded = reload_compressed(result, wordnet_task, tmp_path / "mars-lstm.pt")
+    x = torch.randint(0, 100, (3, *wordnet_task.input_shape))
+    torch.testing.assert_close(loaded(x), result.model.eval()(x))

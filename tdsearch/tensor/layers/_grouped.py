@@ -15,6 +15,7 @@ carry: each g gets its own subclass, ``GroupedTTConv2d_g32``, made on first use;
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -136,6 +137,10 @@ class GroupedConvFactorized(FactorizedLayer):
 
     def layer_ranks(self) -> LayerRanks:
         return self.ranks
+
+    def set_ranks(self, ranks: Sequence[int]) -> None:
+        """Record new per-group ranks after the stages' weights were sliced to them (MARS)."""
+        self.ranks = dataclasses.replace(self.ranks, ranks=tuple(ranks))
 
     @classmethod
     def _group_shape(cls, weight_shape: Sequence[int]) -> tuple[int, ...]:

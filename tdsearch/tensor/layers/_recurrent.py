@@ -24,6 +24,7 @@ function; the MACs counted are what runs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -255,6 +256,25 @@ class FactorizedRecurrent(FactorizedLayer):
 
     def layer_ranks(self) -> LayerRanks:
         return self.spec
+
+    def set_ranks(self, ranks: Sequence[int]) -> None:
+        """Record new ranks after every matrix was sliced to them (MARS's shared masks)."""
+        self.spec = dataclasses.replace(self.spec, ranks=tuple(ranks))
+
+    @classmethod
+    def shared_ranks(cls, weight_shape: Sequence[int], spec: LayerRanks) -> tuple[int, ...]:
+        """The largest ranks, at most ``spec.ranks``, that every matrix of the module holds
+        as they are (none capped): what one mask per rank shared by all matrices needs."""
+        ranks = tuple(spec.ranks)
+        while True:
+            held = [
+                _matrix_spec(dataclasses.replace(spec, ranks=ranks), r, c).ranks
+                for r, c in matrix_shapes(weight_shape)
+            ]
+            common = tuple(min(column) for column in zip(*held, strict=True))
+            if common == ranks:
+                return ranks
+            ranks = common
 
     @classmethod
     def project(cls, weight: torch.Tensor, spec: LayerRanks) -> torch.Tensor:
