@@ -125,12 +125,38 @@ def error_curve(info: LayerInfo, weight: torch.Tensor, fmt: str) -> list[Choice]
     return front
 
 
+def error_curves(
+    model: nn.Module, layers: Sequence[LayerInfo], formats: Mapping[str, str] | None = None
+) -> dict[str, list[Choice]]:
+    """:func:`error_curve` of every layer of ``layers`` in ``model``, by layer name.
+
+    Args:
+        formats: format per layer name or per kind of layer (a name wins), default
+            ``{"conv": "tt", "linear": "svd"}``.
+
+    Raises:
+        UserError: a layer's kind or format has no error curve, or no rank of its format has
+            fewer weights than the dense layer.
+    """
+    formats = {"conv": "tt", "linear": "svd", **(formats or {})}
+    curves = {}
+    for info in layers:
+        weight = model.get_submodule(info.name).weight
+        fmt = formats.get(info.name, formats.get(info.kind, ""))
+        curve = error_curve(info, weight, fmt)
+        if not curve:
+            raise UserError(f"layer {info.name}: no rank of its format has fewer weights")
+        curves[info.name] = curve
+    return curves
+
+
 def allocate(
     model: nn.Module,
     layers: Sequence[LayerInfo],
     *,
     max_params: int,
     formats: Mapping[str, str] | None = None,
+    curves: Mapping[str, Sequence[Choice]] | None = None,
 ) -> Allocation:
     """Ranks for ``layers`` of the trained ``model`` such that the whole model has at most
     ``max_params`` parameters and the largest relative error over the layers is as small as
@@ -141,7 +167,9 @@ def allocate(
         layers: the layers to compress (e.g. ``tdsearch.tensor.decomposable_layers``); layers
             of a kind without a spectral error curve must be left out by the caller.
         max_params: the budget for the whole model (layers not compressed count in full).
-        formats: format per kind of layer, default ``{"conv": "tt", "linear": "svd"}``.
+        formats: format per layer name or kind of layer, default
+            ``{"conv": "tt", "linear": "svd"}``.
+        curves: the layers' :func:`error_curves`, when several budgets share them.
 
     Returns:
         the :class:`Allocation` (its table is what ``tdsearch.tensor.compress`` reads).
@@ -150,15 +178,9 @@ def allocate(
         UserError: the budget is below what the smallest ranks (all 1) reach, or a layer's
             kind or format has no error curve.
     """
-    formats = {"conv": "tt", "linear": "svd", **(formats or {})}
+    if curves is None:
+        curves = error_curves(model, layers, formats)
     dense_params = count_params(model)
-    curves = {}
-    for info in layers:
-        weight = model.get_submodule(info.name).weight
-        curve = error_curve(info, weight, formats.get(info.kind, ""))
-        if not curve:
-            raise UserError(f"layer {info.name}: no rank of its format has fewer weights")
-        curves[info.name] = curve
     fixed = dense_params - sum(info.weight_count for info in layers)
 
     def cheapest_within(threshold: float) -> dict[str, Choice]:

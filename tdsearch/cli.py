@@ -188,7 +188,17 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (all / concurrency)")
     g.add_argument("--gpus-per-trial", type=float, help="GPUs per trial (0)")
     g.add_argument("--sampler", help="tpe (default), nsga2 or random")
-    g.add_argument("--initial-trials", type=int, help="informed first trials at uniform ranks (0)")
+    g.add_argument(
+        "--initial-trials",
+        type=int,
+        help="informed first trials before the sampler takes over (0), at the sizes of a "
+        "uniform-rank sweep",
+    )
+    g.add_argument(
+        "--initial-ranks",
+        help="the first trials' ranks: allocated (default: the one-shot allocation from the "
+        "weights' spectra, as tdsearch allocate) or uniform (one rank fraction for all layers)",
+    )
     g.add_argument(
         "--objectives",
         help="comma-separated: accuracy and params, macs, latency (default accuracy,params,macs)",

@@ -32,6 +32,8 @@ from tdsearch.scoring import Score
 from tdsearch.training import OPTIMIZERS, TrainSettings
 
 SAMPLERS = ("tpe", "nsga2", "random")
+#: how the first ``initial_trials`` trials choose their ranks (tdsearch.search.starts)
+INITIAL_RANKS = ("allocated", "uniform")
 #: where the latency objective is measured: PyTorch eager, or the exported ONNX file in ONNX Runtime
 LATENCY_RUNTIMES = ("torch", "onnxruntime")
 EARLY_STOPPING = ("pareto", "asha", "none")
@@ -227,6 +229,7 @@ class ExecutionSettings:
     gpus_per_trial: float = 0.0
     sampler: str = "tpe"
     initial_trials: int = 0
+    initial_ranks: str = "allocated"
     objectives: list[str] = field(default_factory=lambda: ["accuracy", "params", "macs"])
     latency_batch: int = 1
     latency_runtime: str = "torch"
@@ -237,6 +240,7 @@ class ExecutionSettings:
 
     def __post_init__(self) -> None:
         _choice("sampler", self.sampler, SAMPLERS)
+        _choice("initial_ranks", self.initial_ranks, INITIAL_RANKS)
         _choice("early_stopping", self.early_stopping, EARLY_STOPPING)
         _choice("latency_runtime", self.latency_runtime, LATENCY_RUNTIMES)
         _at_least(self, ("budget", "concurrency", "latency_batch"), 1)

@@ -123,8 +123,9 @@ def wordnet_task(cache_dir) -> Task:
 
 @pytest.fixture(scope="session")
 def digits_search(tmp_path_factory) -> dict:
-    """One 4-trial search named ``demo`` on digits (two epochs per trial), run with the CLI in a
-    fresh directory: what the end-to-end tests and the browser test look at."""
+    """One 4-trial search named ``demo`` on digits (two epochs per trial, the first two at
+    allocated starts), run with the CLI in a fresh directory: what the end-to-end tests and the
+    browser test look at."""
     import subprocess
     import sys
 
@@ -135,6 +136,7 @@ def digits_search(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("search")
     cache = str(root / "cache")
     args = ["--dataset", "digits", "--budget", "4", "--epochs", "2", "--baseline-epochs", "8"]
+    args += ["--initial-trials", "2"]
     result = subprocess.run(
         [sys.executable, "-m", "tdsearch", *args, "--cache-dir", cache, "--name", "demo"],
         cwd=root,

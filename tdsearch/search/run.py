@@ -25,6 +25,7 @@ from tdsearch.mlflow.tracking import (
     TrackingUnavailable,
 )
 from tdsearch.search.finish import SearchOutcome, finish_parent, print_summary
+from tdsearch.search.starts import describe_starts, initial_points
 from tdsearch.search.store import (
     SearchState,
     default_name,
@@ -463,6 +464,15 @@ def _make_tuner(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     columns = objective_columns(config.objectives, score)
+    starts = initial_points(
+        space,
+        config.initial_trials,
+        config.min_rank_fraction,
+        ranks=config.initial_ranks,
+        model=task.dense_model() if config.initial_ranks == "allocated" else None,
+    )
+    if starts:
+        log(describe_starts(space, starts, config.initial_ranks))
     searcher = OptunaSearch(
         space=space.suggest,
         metric=[c for c, _ in columns],
@@ -470,8 +480,7 @@ def _make_tuner(
         sampler=make_sampler(
             config.sampler, config.seed, len(columns), config.budget, config.concurrency
         ),
-        points_to_evaluate=initial_points(space, config.initial_trials, config.min_rank_fraction)
-        or None,
+        points_to_evaluate=starts or None,
         seed=config.seed,
     )
     epochs = trainer.planned_epochs(train)
@@ -512,18 +521,6 @@ def _make_tuner(
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     ), mirror
-
-
-def initial_points(space: SearchSpace, count: int, min_fraction: float) -> list[dict]:
-    """``count`` informed first trials: every rank at the same fraction of its largest useful
-    rank (the uniform-rank practice), fractions evenly spread over [min_fraction, 1], method
-    dimensions at their midpoints."""
-    if count <= 0 or space.rank_mode == "none":
-        return []
-    if count == 1:
-        return [space.uniform_config(0.5)]
-    step = (1.0 - min_fraction) / (count - 1)
-    return [space.uniform_config(min_fraction + k * step) for k in range(count)]
 
 
 def _retarget_restored(tuner, callbacks: list, directory: Path) -> None:

@@ -3,13 +3,13 @@
 An in-loop rank selector. The trained baseline is decomposed at generous starting ranks; every
 inner rank of every decomposed layer gets a binary mask (one per TT inner rank, two per Tucker-2
 conv, one per SVD rank; a grouped conv's and an LSTM's masks are shared by its groups and
-matrices, which the rank table gives one rank), and masks and cores are learnt together by relaxed MAP estimation
-(eq. 6, Algorithm 1): the batch-mean cross-entropy under hard-concrete mask samples plus
-−(E_q log p(m) + log p(G)) / N, with a Bernoulli(π) prior on the masks and a Gaussian prior
-(variance 100) on the cores. After every epoch the hard masks (logit > 0) are applied for good:
-the closed slices are cut out of the cores, and the resulting compact model of standard
-factorized layers is measured and reported. An optional fine-tuning of that compact model ends
-the trial.
+matrices, which the rank table gives one rank), and masks and cores are learnt together by
+relaxed MAP estimation (eq. 6, Algorithm 1): the batch-mean cross-entropy under hard-concrete
+mask samples plus −(E_q log p(m) + log p(G)) / N, with a Bernoulli(π) prior on the masks and a
+Gaussian prior (variance 100) on the cores. After every epoch the hard masks (logit > 0) are
+applied for good: the closed slices are cut out of the cores, and the resulting compact model of
+standard factorized layers is measured and reported. An optional fine-tuning of that compact
+model ends the trial.
 
 The search does not choose ranks for MARS: ``trial.table`` holds each layer's largest useful
 ranks, and the search chooses π, α (mean of the initial logits) and the starting-rank scale.

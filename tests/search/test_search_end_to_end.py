@@ -59,6 +59,26 @@ def test_one_parent_and_one_nested_run_per_trial(search):
         assert child.data.tags["pareto"] in ("true", "false")
 
 
+def test_the_first_trials_are_the_one_shot_allocations_at_uniform_sizes(search):
+    """``--initial-trials 2``: trials 1 and 2 ran the allocated starts (the ranks the one-shot
+    allocation gives for the params of the uniform fractions 0.05 and 1), said in one line."""
+    from tdsearch.search.run import build_search_space
+    from tdsearch.search.starts import initial_points
+    from tdsearch.trainers import make_trainer
+
+    assert "first 2 trial(s): one-shot allocations" in search["stdout"]
+    config = search["config"]
+    task = load_task(config.task_spec(), cache_dir=search["root"] / "cache", log=lambda _: None)
+    space = build_search_space(config, make_trainer(config.space.method_name), task.layers)
+    starts = initial_points(space, 2, config.min_rank_fraction, model=task.dense_model())
+    by_number = {int(c.data.tags["tdsearch.trial_number"]): c for c in search["children"]}
+    for number, start in enumerate(starts, start=1):
+        logged = by_number[number].data.params
+        for name, spec in space.rank_table(start).items():
+            for k, rank in enumerate(spec.ranks, start=1):
+                assert int(logged[f"rank.{name}.{k}"]) == rank, (number, name, k)
+
+
 def test_one_worker_process_runs_trial_after_trial(search):
     """Workers are reused: imports and the task load are paid once per worker, not per trial."""
     pids = {c.data.tags["ray_worker_pid"] for c in search["children"]}
