@@ -3,9 +3,13 @@
 On LeNet-5 / Fashion-MNIST with the decompose trainer, each repetition (seed) runs, through the
 real ``tdsearch`` command:
 
-* tdsearch with TPE (multi-objective), NSGA-II, and TPE after informed uniform starts,
+* tdsearch with TPE (multi-objective), NSGA-II, and TPE after five informed starts (uniform
+  or one-shot allocated ranks),
 * plain random search over the same space (``--sampler random``),
-* a uniform-rank sweep: one rank fraction for all layers, evenly spread (``--initial-trials``),
+* a uniform-rank sweep: one rank fraction for all layers, evenly spread (``--initial-trials``
+  with ``--initial-ranks uniform``),
+* a one-shot allocation sweep + fine-tuning: at each size of the 20-point uniform sweep, the
+  ranks ``tdsearch allocate`` gives for those params (``--initial-ranks allocated``),
 
 all with the same space, trainer, epochs, training subset and seed, and reports the hypervolume
 of (validation accuracy, log10 params) and (accuracy, log10 MACs) at budgets 20 and 50 (the
@@ -39,7 +43,11 @@ ARMS = {
     "tdsearch TPE": ("tpe", ["--sampler", "tpe"]),
     "tdsearch TPE + 5 uniform starts": (
         "tpe-starts",
-        ["--sampler", "tpe", "--initial-trials", "5"],
+        ["--sampler", "tpe", "--initial-trials", "5", "--initial-ranks", "uniform"],
+    ),
+    "tdsearch TPE + 5 allocated starts": (
+        "tpe-alloc",
+        ["--sampler", "tpe", "--initial-trials", "5", "--initial-ranks", "allocated"],
     ),
     "tdsearch NSGA-II": ("nsga2", ["--sampler", "nsga2"]),
     "random search": ("random", ["--sampler", "random"]),
@@ -156,9 +164,15 @@ def main() -> None:
     parser.add_argument(
         "--sweeps",
         type=int,
-        nargs=2,
+        nargs="+",
         default=(20, 50),
-        help="points of the two uniform sweeps (the first is the target)",
+        help="points of the uniform sweeps (the first is the target)",
+    )
+    parser.add_argument(
+        "--allocated-sweep",
+        type=int,
+        default=20,
+        help="points of the one-shot allocation sweep (0: none)",
     )
     parser.add_argument(
         "--arms",
@@ -208,9 +222,26 @@ def main() -> None:
                     name,
                     size,
                     rep,
-                    ["--sampler", "random", "--initial-trials", str(size)],
+                    [
+                        "--sampler",
+                        "random",
+                        "--initial-trials",
+                        str(size),
+                        "--initial-ranks",
+                        "uniform",
+                    ],
                     common,
                 )
+        allocated = args.allocated_sweep
+        if allocated and not done(f"allocated{allocated}-seed{rep}"):
+            run_search(
+                args.out,
+                f"allocated{allocated}-seed{rep}",
+                allocated,
+                rep,
+                ["--sampler", "random", "--initial-trials", str(allocated)],
+                common,
+            )
         baseline = same_baseline(
             tracker, [*names.values(), *(f"uniform{size}-seed{rep}" for size in args.sweeps)]
         )
@@ -238,6 +269,17 @@ def main() -> None:
                 **measure(frame, baseline, size),
             }
             if size == small:
+                row["trials to reach sweep-20 HV"] = reach(frame, target, baseline)
+            rows.append(row)
+        if allocated:
+            frame = trials_of(tracker, f"allocated{allocated}-seed{rep}")
+            fronts[f"one-shot allocation sweep ({allocated})"] = frame
+            row = {
+                "method": f"one-shot allocation sweep ({allocated})",
+                "rep": rep,
+                **measure(frame, baseline, allocated),
+            }
+            if allocated == small:
                 row["trials to reach sweep-20 HV"] = reach(frame, target, baseline)
             rows.append(row)
         if rep == 0:

@@ -9,13 +9,14 @@ trials back from MLflow, the record users browse with ``mlflow ui``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from torch import nn
@@ -30,6 +31,9 @@ from tdsearch.config import (
 from tdsearch.errors import UserError
 from tdsearch.scoring import Score
 from tdsearch.tensor import RankTable
+
+if TYPE_CHECKING:
+    from tdsearch.refit import RefitResult
 
 
 def create_search(
@@ -231,19 +235,79 @@ class Choice:
             path = download_checkpoint(tracker, self.run_id, self.trial, Path(tmp))
             return load_compressed(path, model=self._search._dense_architecture())
 
-    def save(self, path: str | Path) -> Path:
-        """Write the compact model as a checkpoint (``tdsearch.load_compressed`` reads it)."""
+    def refit(
+        self,
+        epochs: int,
+        *,
+        lr: float | None = None,
+        log: Callable[[str], None] | None = print,
+    ) -> RefitResult:
+        """Train a copy of the trial's compact model for ``epochs`` more epochs (the search's
+        optimiser, a fresh schedule over the refit; ``lr`` overrides its learning rate), log it
+        as an MLflow run nested under the trial's run (metrics per epoch, the checkpoint), and
+        return it (:class:`tdsearch.refit.RefitResult`: ``model``, ``metrics``, ``history``).
+        The trial's own model and run are left as they were.
+
+        Raises:
+            UserError: ``epochs`` below 1, ``lr`` not positive, or a search started from
+                Python objects that were not passed to :func:`load_search` again.
+        """
+        from tdsearch.refit import refit
+        from tdsearch.task import load_task
+
+        if lr is not None and not lr > 0:
+            raise UserError(f"refit lr must be positive, got {lr}")
+        search = self._search
+        search._dense_architecture()  # one sentence when Python objects are missing
+        config = search.config
+        task = load_task(
+            config.task_spec(),
+            cache_dir=Path(config.cache_dir) if config.cache_dir else None,
+            log=log or (lambda _: None),
+        )
+        train = config.train_settings()
+        if lr is not None:
+            train = dataclasses.replace(train, lr=lr)
+        model = copy.deepcopy(self.model).train()
+        if log is not None:
+            log(f"refitting trial {self.trial} for {epochs} epoch(s)")
+        result = refit(model, task, epochs=epochs, train=train, seed=config.seed, log=log)
+        tracker = search._tracker()
+        run_id = tracker.start_refit(self.run_id, self.trial, epochs)
+        for metrics in result.history:
+            step = int(metrics["epoch"])
+            tracker.log_metrics(run_id, {k: float(v) for k, v in metrics.items()}, step)
+        tracker.log_params(run_id, {"refit_epochs": epochs, "lr": train.lr})
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save(Path(tmp) / "model.pt", result.model, result.metrics)
+            tracker.log_artifacts(run_id, Path(tmp), "model")
+        tracker.finish(run_id)
+        result.run_id = run_id
+        return result
+
+    def save(
+        self,
+        path: str | Path,
+        model: nn.Module | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> Path:
+        """Write the compact model (or ``model`` with its ``metrics``, e.g. a refit of it: the
+        same rank table) as a checkpoint (``tdsearch.load_compressed`` reads it)."""
         from tdsearch.checkpoint import save_compressed
 
         task = self._search._task_shape()
         return save_compressed(
             path,
-            self.model,
+            self.model if model is None else model,
             self.table,
             model_spec=self._search.config.task_spec().model_source.spec,
             input_shape=task[0],
             num_classes=task[1],
-            metrics={k: v for k, v in self.metrics.items() if isinstance(v, int | float)},
+            metrics={
+                k: v
+                for k, v in (self.metrics if metrics is None else metrics).items()
+                if isinstance(v, int | float)
+            },
         )
 
 

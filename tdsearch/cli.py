@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -284,6 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-latency", action="store_true", help="with --onnx: skip the latency measurement"
     )
+    p.add_argument(
+        "--refit-epochs",
+        type=_positive_int,
+        help="train the trial's model this many more epochs before writing --checkpoint / "
+        "--onnx (logged as a run nested under the trial's)",
+    )
+    p.add_argument("--refit-lr", type=float, help="learning rate of the refit (the search's)")
+    p.add_argument(
+        "--storage", default="tdsearch-runs", help="where the search's state is (tdsearch-runs)"
+    )
     p.set_defaults(handler=_cmd_export)
 
     p = sub.add_parser("ui", help="start the MLflow UI on the searches' tracking store")
@@ -444,7 +455,7 @@ def _is_search_folder(state_file: Path) -> bool:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from tdsearch.mlflow.export import export_trial, write_checkpoint
+    from tdsearch.mlflow.export import export_trial
     from tdsearch.mlflow.tracking import Tracker
     from tdsearch.tensor import SERIALIZATIONS
     from tdsearch.tensor.rank_table import format_from_suffix
@@ -457,6 +468,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
             fmt = format_from_suffix(Path(args.output))
         except ValueError as err:
             raise UserError(str(err)) from None
+    if args.refit_lr is not None and not args.refit_lr > 0:
+        raise UserError(f"--refit-lr must be positive, got {args.refit_lr}")
     tracker = Tracker(args.tracking_uri, args.experiment)
     if args.output:
         _check_output(Path(args.output), "-o", tracker.tracking_uri)
@@ -477,6 +490,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         max_params=args.max_params,
         max_macs=args.max_macs,
     )
+    search = _stored_search(args, selected.search) if args.refit_epochs else None
     if args.output:
         try:
             path = selected.table.save(args.output, fmt)
@@ -487,9 +501,58 @@ def _cmd_export(args: argparse.Namespace) -> int:
     else:
         print(selected.describe(), file=sys.stderr)
         sys.stdout.write(selected.table.dumps(fmt or "yaml"))
+    if args.refit_epochs:
+        with tempfile.TemporaryDirectory() as tmp:
+            refit = _refit(args, search, selected, Path(tmp) / "model.pt")
+            _write_models(args, tracker, selected, refit)
+    else:
+        _write_models(args, tracker, selected, None)
+    return 0
+
+
+def _stored_search(args: argparse.Namespace, name: str):
+    """The stored search ``name`` (its settings and data), which a refit trains with."""
+    import tdsearch
+
+    try:
+        return tdsearch.load_search(name, storage=args.storage, log=None)
+    except UserError as err:
+        raise UserError(f"{err}; --refit-epochs needs it (set --storage)") from None
+
+
+def _refit(args: argparse.Namespace, search, selected, checkpoint: Path) -> Path:
+    """Refit the selected trial (``--refit-epochs``), print before / after, save the refit
+    model to ``checkpoint``."""
+    from tdsearch.api import Choice
+
+    choice = Choice(selected.record, search)
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    result = choice.refit(args.refit_epochs, lr=args.refit_lr, log=log)
+    score = selected.score
+    before, after = selected.record.value(score.column), result.metrics[score.column]
+    test = result.metrics.get(score.test_column)
+    print(
+        f"refit: val {score.name} {before:.4f} -> {after:.4f}"
+        + (f", test {test:.4f}" if test is not None else "")
+        + f" after {args.refit_epochs} more epoch(s) (MLflow run {result.run_id})",
+        file=sys.stderr,
+    )
+    return choice.save(checkpoint, result.model, result.metrics)
+
+
+def _write_models(args: argparse.Namespace, tracker, selected, refit: Path | None) -> None:
+    """--checkpoint and --onnx of the trial's model, or of its refit (a local checkpoint)."""
+    from tdsearch.mlflow.export import copy_checkpoint, write_checkpoint
+
     if args.checkpoint:
         try:
-            path = write_checkpoint(tracker, selected, Path(args.checkpoint))
+            if refit is None:
+                path = write_checkpoint(tracker, selected, Path(args.checkpoint))
+            else:
+                path = copy_checkpoint(refit, Path(args.checkpoint))
         except OSError as err:
             raise UserError(f"cannot write --checkpoint {args.checkpoint}: {err}") from None
         print(
@@ -497,18 +560,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.onnx:
-        _export_onnx(tracker, selected, Path(args.onnx), latency=not args.no_latency)
-    return 0
+        _export_onnx(tracker, selected, Path(args.onnx), latency=not args.no_latency, refit=refit)
 
 
-def _export_onnx(tracker, selected, path: Path, *, latency: bool) -> None:
+def _export_onnx(
+    tracker, selected, path: Path, *, latency: bool, refit: Path | None = None
+) -> None:
     from tdsearch.deploy import format_latency
-    from tdsearch.mlflow.export import write_onnx
+    from tdsearch.mlflow.export import onnx_from_checkpoint, write_onnx
 
     if latency:
         print("exporting to ONNX and measuring latency ...", file=sys.stderr)
     try:
-        error, rows = write_onnx(tracker, selected, path, latency=latency)
+        if refit is None:
+            error, rows = write_onnx(tracker, selected, path, latency=latency)
+        else:
+            error, rows = onnx_from_checkpoint(refit, path, latency=latency)
     except OSError as err:
         raise UserError(f"cannot write --onnx {path}: {err.strerror or err}") from None
     print(

@@ -96,7 +96,17 @@ def download_checkpoint(tracker: Tracker, run_id: str, trial: int, directory: Pa
 
 
 def write_onnx(tracker: Tracker, selected: Selected, path: Path, *, latency: bool = True):
-    """Export the trial's compact model to ONNX at ``path`` (checked against PyTorch, see
+    """Export the trial's compact model to ONNX at ``path``: :func:`onnx_from_checkpoint` of
+    its MLflow checkpoint."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = download_checkpoint(
+            tracker, selected.record.run_id, selected.record.trial, Path(tmp)
+        )
+        return onnx_from_checkpoint(local, path, latency=latency)
+
+
+def onnx_from_checkpoint(checkpoint: Path, path: Path, *, latency: bool = True):
+    """Export a compressed-model checkpoint to ONNX at ``path`` (checked against PyTorch, see
     :func:`tdsearch.deploy.export_onnx`); with ``latency``, also time the dense and the compact
     model in ONNX Runtime and PyTorch.
 
@@ -104,25 +114,21 @@ def write_onnx(tracker: Tracker, selected: Selected, path: Path, *, latency: boo
         (the checked relative error, the latency rows or an empty list).
 
     Raises:
-        UserError: no checkpoint, an architecture given as an object (load it in Python and
-            call ``tdsearch.export_onnx``), missing ONNX extras, or a failed check.
+        UserError: an architecture given as an object (load it in Python and call
+            ``tdsearch.export_onnx``), missing ONNX extras, or a failed check.
     """
     from tdsearch.checkpoint import load_compressed, read_checkpoint
     from tdsearch.deploy import deployment_latency, export_onnx
     from tdsearch.models import build_model
 
-    with tempfile.TemporaryDirectory() as tmp:
-        local = download_checkpoint(
-            tracker, selected.record.run_id, selected.record.trial, Path(tmp)
+    payload = read_checkpoint(checkpoint)
+    if not payload["model"]:
+        raise UserError(
+            "--onnx needs the architecture, and this search's model was given as an object "
+            "or a factory: write --checkpoint, then in Python: tdsearch.export_onnx("
+            "tdsearch.load_compressed(path, model=MyNet()), 'model.onnx', input_shape)"
         )
-        payload = read_checkpoint(local)
-        if not payload["model"]:
-            raise UserError(
-                "--onnx needs the architecture, and this search's model was given as an object "
-                "or a factory: write --checkpoint, then in Python: tdsearch.export_onnx("
-                "tdsearch.load_compressed(path, model=MyNet()), 'model.onnx', input_shape)"
-            )
-        compact = load_compressed(local)
+    compact = load_compressed(checkpoint)
     shape = tuple(payload["input_shape"])
     error = export_onnx(compact, path, shape)
     if not latency:
@@ -137,4 +143,9 @@ def write_checkpoint(tracker: Tracker, selected: Selected, path: Path) -> Path:
         local = download_checkpoint(
             tracker, selected.record.run_id, selected.record.trial, Path(tmp)
         )
-        return atomic_write(path, lambda target: shutil.copyfile(local, target))
+        return copy_checkpoint(local, path)
+
+
+def copy_checkpoint(checkpoint: Path, path: Path) -> Path:
+    """Copy a checkpoint file to ``path`` atomically (a kill never leaves half a file)."""
+    return atomic_write(path, lambda target: shutil.copyfile(checkpoint, target))

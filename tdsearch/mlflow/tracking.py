@@ -289,6 +289,18 @@ class Tracker:
         )
         return run.info.run_id
 
+    def start_refit(self, trial_run_id: str, number: int, epochs: int) -> str:
+        """A run for a refit of trial ``number``, nested under the trial's run (so the
+        search's trials and front never count it)."""
+        run = self._call(
+            lambda: self.client.create_run(
+                self.experiment_id,
+                run_name=f"trial_{number:04d}-refit-{epochs}",
+                tags={PARENT_TAG: trial_run_id, TAG_ROLE: "refit", TAG_TRIAL_NUMBER: str(number)},
+            )
+        )
+        return run.info.run_id
+
     def trial_runs(self, parent_id: str, trial_id: str) -> list:
         """The child runs of one trial (several when a retried attempt was closed)."""
         return [r for r in self.children(parent_id) if r.data.tags.get(TAG_TRIAL_ID) == trial_id]

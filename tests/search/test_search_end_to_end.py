@@ -168,6 +168,44 @@ def test_export_reloads_to_what_the_trial_reported(search):
     assert md.returncode == 0 and md.stdout.startswith("| layer | format | ranks |")
 
 
+def test_export_refits_the_chosen_trial_and_logs_it_under_the_trials_run(search):
+    """``--refit-epochs 2``: the knee trial's model trained on, before -> after printed, the
+    checkpoint is the refit model (its validation accuracy is the printed one), the refit is a
+    run nested under the trial's run, and the search's trials are what they were."""
+    root = search["root"]
+    result = run("export", "--refit-epochs", "2", "--checkpoint", "refit.pt", cwd=root)
+    assert result.returncode == 0, result.stderr
+    line = next(x for x in result.stderr.splitlines() if x.startswith("refit: val accuracy"))
+    after = float(line.split("-> ")[1].split(",")[0])
+    assert "refit epoch 2/2" in result.stderr
+    task = load_task(search["config"].task_spec(), cache_dir=root / "cache", log=lambda _: None)
+    model = tdsearch.load_compressed(root / "refit.pt")
+    accuracy, _ = evaluate(model, task.data, task.data.val, device=torch.device("cpu"))
+    assert accuracy == pytest.approx(after, abs=5e-5)
+
+    client, parent = search["client"], search["parent"]
+    trials = {c.info.run_id: c for c in search["children"]}
+    refits = client.search_runs(
+        [parent.info.experiment_id], filter_string="tags.`tdsearch.role` = 'refit'"
+    )
+    assert len(refits) == 1
+    refit = refits[0]
+    assert refit.data.tags["mlflow.parentRunId"] in trials
+    assert refit.info.status == "FINISHED" and refit.data.params["refit_epochs"] == "2"
+    history = client.get_metric_history(refit.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == [1, 2]
+    assert search_trials(root) == BUDGET  # the refit is not a trial of the search
+
+    bad = run("export", "--refit-epochs", "1", "--refit-lr", "-1", cwd=root)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--refit-lr" in bad.stderr
+    lost = run("export", "--refit-epochs", "1", "--storage", "elsewhere", cwd=root)
+    assert lost.returncode == 2 and "set --storage" in lost.stderr, lost.stderr
+
+
+def search_trials(root: Path) -> int:
+    return len(tdsearch.load_search("demo", storage=root / "tdsearch-runs", log=None).trials)
+
+
 def test_a_second_search_never_reuses_the_first_ones_name(search):
     root = search["root"]
     state_before = (root / "tdsearch-runs" / "demo" / "tdsearch.json").read_text()
