@@ -9,7 +9,6 @@ trials back from MLflow, the record users browse with ``mlflow ui``.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import tempfile
 from collections.abc import Callable
@@ -252,13 +251,13 @@ class Choice:
             UserError: ``epochs`` below 1, ``lr`` not positive, or a search started from
                 Python objects that were not passed to :func:`load_search` again.
         """
-        from tdsearch.refit import refit
+        from tdsearch.mlflow.export import refit_trial
         from tdsearch.task import load_task
 
         if lr is not None and not lr > 0:
             raise UserError(f"refit lr must be positive, got {lr}")
         search = self._search
-        search._dense_architecture()  # one sentence when Python objects are missing
+        architecture = search._dense_architecture()  # one sentence when objects are missing
         config = search.config
         task = load_task(
             config.task_spec(),
@@ -268,22 +267,16 @@ class Choice:
         train = config.train_settings()
         if lr is not None:
             train = dataclasses.replace(train, lr=lr)
-        model = copy.deepcopy(self.model).train()
-        if log is not None:
-            log(f"refitting trial {self.trial} for {epochs} epoch(s)")
-        result = refit(model, task, epochs=epochs, train=train, seed=config.seed, log=log)
-        tracker = search._tracker()
-        run_id = tracker.start_refit(self.run_id, self.trial, epochs)
-        for metrics in result.history:
-            step = int(metrics["epoch"])
-            tracker.log_metrics(run_id, {k: float(v) for k, v in metrics.items()}, step)
-        tracker.log_params(run_id, {"refit_epochs": epochs, "lr": train.lr})
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save(Path(tmp) / "model.pt", result.model, result.metrics)
-            tracker.log_artifacts(run_id, Path(tmp), "model")
-        tracker.finish(run_id)
-        result.run_id = run_id
-        return result
+        return refit_trial(
+            search._tracker(),
+            self.record,
+            task,
+            architecture,
+            epochs=epochs,
+            train=train,
+            seed=config.seed,
+            log=log,
+        )
 
     def save(
         self,

@@ -201,6 +201,12 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
         "weights' spectra, as tdsearch allocate) or uniform (one rank fraction for all layers)",
     )
     g.add_argument(
+        "--refit-epochs",
+        type=int,
+        help="at the end, train the knee trial's model this many more epochs (0; logged as a "
+        "run nested under the trial's; `tdsearch export --refit-epochs` refits any trial)",
+    )
+    g.add_argument(
         "--objectives",
         help="comma-separated: accuracy and params, macs, latency (default accuracy,params,macs)",
     )
@@ -547,6 +553,8 @@ def _write_models(args: argparse.Namespace, tracker, selected, refit: Path | Non
     """--checkpoint and --onnx of the trial's model, or of its refit (a local checkpoint)."""
     from tdsearch.mlflow.export import copy_checkpoint, write_checkpoint
 
+    if refit is None and selected.refit is not None and (args.checkpoint or args.onnx):
+        print(selected.describe_refit(), file=sys.stderr)
     if args.checkpoint:
         try:
             if refit is None:

@@ -230,6 +230,7 @@ class ExecutionSettings:
     sampler: str = "tpe"
     initial_trials: int = 0
     initial_ranks: str = "allocated"
+    refit_epochs: int = 0
     objectives: list[str] = field(default_factory=lambda: ["accuracy", "params", "macs"])
     latency_batch: int = 1
     latency_runtime: str = "torch"
@@ -244,7 +245,7 @@ class ExecutionSettings:
         _choice("early_stopping", self.early_stopping, EARLY_STOPPING)
         _choice("latency_runtime", self.latency_runtime, LATENCY_RUNTIMES)
         _at_least(self, ("budget", "concurrency", "latency_batch"), 1)
-        _at_least(self, ("initial_trials", "max_failures"), 0)
+        _at_least(self, ("initial_trials", "max_failures", "refit_epochs"), 0)
         if self.cpus_per_trial is not None and self.cpus_per_trial <= 0:
             raise UserError(f"cpus_per_trial must be positive, got {self.cpus_per_trial}")
         if self.gpus_per_trial < 0:

@@ -137,7 +137,8 @@ def test_built_in_datasets_are_factories_too():
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
-    """A trained user model (tuple output, picked by output=) searched for 3 trials."""
+    """A trained user model (tuple output, picked by output=) searched for 3 trials, its knee
+    refit for one more epoch at the end."""
     root = tmp_path_factory.mktemp("api")
     model = trained(TinyNet(tuple_output=True))
     lines: list[str] = []
@@ -151,10 +152,24 @@ def searched(tmp_path_factory):
         layers=["conv2", "fc"],
         epochs=1,
         early_stopping="none",
+        refit_epochs=1,
         log=lines.append,
     )
     search.optimize(budget=3)
     return {"search": search, "model": model, "root": root, "log": lines}
+
+
+def test_the_knee_is_refit_at_the_end_under_its_trials_run(searched):
+    search = searched["search"]
+    knee = search.select("knee")
+    line = next(x for x in searched["log"] if x.startswith("knee trial"))
+    assert f"knee trial {knee.trial:04d} refit for 1 epoch(s): val accuracy" in line
+    tracker = search._tracker()
+    refit = tracker.latest_refit(knee.run_id)
+    assert refit is not None and refit.data.params["refit_epochs"] == "1"
+    assert len(search.trials) == 3  # not a trial
+    after = float(line.split("-> ")[1].split(",")[0])
+    assert refit.data.metrics["val_accuracy"] == pytest.approx(after, abs=5e-5)
 
 
 def test_optimize_runs_the_trials_and_the_front_reads_back(searched):
@@ -340,6 +355,8 @@ def test_a_loaded_search_reads_back_and_needs_its_objects_for_the_model(searched
     assert choice.trial == searched["search"].select("knee").trial
     with pytest.raises(tdsearch.UserError, match=r"load_search\('tiny', model=...\)"):
         choice.model  # noqa: B018
+    with pytest.raises(tdsearch.UserError, match=r"load_search\('tiny', model=...\)"):
+        choice.refit(1)
     again = tdsearch.load_search(
         "tiny",
         storage=root / "runs",

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from torch import nn
 
 from tdsearch.analysis import TrialRecord, select_trial
 from tdsearch.errors import UserError, first_line
@@ -15,14 +19,40 @@ from tdsearch.scoring import ACCURACY, Score
 from tdsearch.tensor import RankTable
 from tdsearch.utils import atomic_write, human_count
 
+if TYPE_CHECKING:
+    from tdsearch.refit import RefitResult
+    from tdsearch.task import Task
+    from tdsearch.training import TrainSettings
+
 
 @dataclass
 class Selected:
-    """The chosen trial of a search: its record and the score it was chosen by."""
+    """The chosen trial of a search: its record, the score it was chosen by, and its newest
+    refit run (``tdsearch --refit-epochs`` / ``export --refit-epochs``), whose model is the one
+    written when there is one."""
 
     search: str
     record: TrialRecord
     score: Score = ACCURACY
+    refit: object | None = None
+
+    @property
+    def model_run_id(self) -> str:
+        """The run whose ``model/model.pt`` is this trial's model to write."""
+        return self.refit.info.run_id if self.refit is not None else self.record.run_id
+
+    def describe_refit(self) -> str:
+        """One line about the refit whose model is written, or an empty string."""
+        if self.refit is None:
+            return ""
+        metrics = self.refit.data.metrics
+        value = metrics.get(self.score.column, float("nan"))
+        test = metrics.get(self.score.test_column)
+        return (
+            f"its model is the refit of run {self.refit.info.run_id} "
+            f"({self.refit.data.params.get('refit_epochs', '?')} more epochs): val "
+            f"{self.score.name} {value:.4f}" + (f", test {test:.4f}" if test is not None else "")
+        )
 
     @property
     def table(self) -> RankTable:
@@ -80,7 +110,12 @@ def export_trial(
     record = TrialRecord.from_row(row)
     if not len(record.table):
         raise UserError(f"trial {record.trial} has no rank table recorded")
-    return Selected(parent.data.tags.get(TAG_SEARCH, parent.info.run_name), record, score)
+    return Selected(
+        parent.data.tags.get(TAG_SEARCH, parent.info.run_name),
+        record,
+        score,
+        tracker.latest_refit(record.run_id),
+    )
 
 
 def download_checkpoint(tracker: Tracker, run_id: str, trial: int, directory: Path) -> Path:
@@ -100,7 +135,7 @@ def write_onnx(tracker: Tracker, selected: Selected, path: Path, *, latency: boo
     its MLflow checkpoint."""
     with tempfile.TemporaryDirectory() as tmp:
         local = download_checkpoint(
-            tracker, selected.record.run_id, selected.record.trial, Path(tmp)
+            tracker, selected.model_run_id, selected.record.trial, Path(tmp)
         )
         return onnx_from_checkpoint(local, path, latency=latency)
 
@@ -141,7 +176,7 @@ def write_checkpoint(tracker: Tracker, selected: Selected, path: Path) -> Path:
     """Copy the trial's compressed-model checkpoint to ``path`` (atomically)."""
     with tempfile.TemporaryDirectory() as tmp:
         local = download_checkpoint(
-            tracker, selected.record.run_id, selected.record.trial, Path(tmp)
+            tracker, selected.model_run_id, selected.record.trial, Path(tmp)
         )
         return copy_checkpoint(local, path)
 
@@ -149,3 +184,55 @@ def write_checkpoint(tracker: Tracker, selected: Selected, path: Path) -> Path:
 def copy_checkpoint(checkpoint: Path, path: Path) -> Path:
     """Copy a checkpoint file to ``path`` atomically (a kill never leaves half a file)."""
     return atomic_write(path, lambda target: shutil.copyfile(checkpoint, target))
+
+
+def refit_trial(
+    tracker: Tracker,
+    record: TrialRecord,
+    task: Task,
+    architecture: nn.Module,
+    *,
+    epochs: int,
+    train: TrainSettings,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> RefitResult:
+    """Refit one trial (:func:`tdsearch.refit.refit` of its checkpoint's model) and log it as
+    a run nested under the trial's run: ``refit_epochs`` and ``lr`` params, the metrics of every
+    epoch, the refit model as ``model/model.pt``. The result carries the run's id.
+
+    Args:
+        architecture: the dense model (any weights) the checkpoint's model is rebuilt on.
+
+    Raises:
+        UserError: the trial has no checkpoint, or ``epochs`` is below 1.
+    """
+    from tdsearch.checkpoint import load_compressed, save_compressed
+    from tdsearch.refit import refit
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = download_checkpoint(tracker, record.run_id, record.trial, Path(tmp))
+        model = load_compressed(local, model=architecture).train()
+    if log is not None:
+        log(f"refitting trial {record.trial} for {epochs} epoch(s)")
+    result = refit(model, task, epochs=epochs, train=train, seed=seed, log=log)
+    run_id = tracker.start_refit(record.run_id, record.trial, epochs)
+    for metrics in result.history:
+        tracker.log_metrics(
+            run_id, {k: float(v) for k, v in metrics.items()}, int(metrics["epoch"])
+        )
+    tracker.log_params(run_id, {"refit_epochs": epochs, "lr": train.lr})
+    with tempfile.TemporaryDirectory() as tmp:
+        save_compressed(
+            Path(tmp) / "model.pt",
+            result.model,
+            record.table,
+            model_spec=task.spec.model_source.spec,
+            input_shape=task.input_shape,
+            num_classes=task.num_classes,
+            metrics={k: float(v) for k, v in result.metrics.items()},
+        )
+        tracker.log_artifacts(run_id, Path(tmp), "model")
+    tracker.finish(run_id)
+    result.run_id = run_id
+    return result

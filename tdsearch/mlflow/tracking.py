@@ -301,6 +301,21 @@ class Tracker:
         )
         return run.info.run_id
 
+    def latest_refit(self, trial_run_id: str):
+        """The newest finished refit run of a trial (:meth:`start_refit`), or None."""
+        runs = self._call(
+            lambda: self.client.search_runs(
+                [self.experiment_id],
+                filter_string=(
+                    f"tags.`{PARENT_TAG}` = '{trial_run_id}' and tags.`{TAG_ROLE}` = 'refit' "
+                    "and attributes.status = 'FINISHED'"
+                ),
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+        )
+        return runs[0] if runs else None
+
     def trial_runs(self, parent_id: str, trial_id: str) -> list:
         """The child runs of one trial (several when a retried attempt was closed)."""
         return [r for r in self.children(parent_id) if r.data.tags.get(TAG_TRIAL_ID) == trial_id]

@@ -263,7 +263,49 @@ def run_search(config: SearchConfig, log: Callable[[str], None] = print) -> Sear
     print_summary(outcome, task.baseline_metrics, score, elapsed, log)
     if not interrupted:
         _raise_if_all_failed(frame)
+        if config.refit_epochs and summary.knee is not None:
+            _refit_knee(config, name, tracker, frame, summary, task, elapsed, log)
     return outcome
+
+
+def _refit_knee(
+    config: SearchConfig,
+    name: str,
+    tracker: Tracker,
+    frame: pd.DataFrame,
+    summary: SearchSummary,
+    task: Task,
+    elapsed: float,
+    log: Callable[[str], None],
+) -> None:
+    """``--refit-epochs``: train the knee trial's model on (low-fidelity search, high-fidelity
+    refit), logged under the trial's run; its time is reported with the search's."""
+    from tdsearch.analysis import TrialRecord
+    from tdsearch.mlflow.export import refit_trial
+
+    start = time.monotonic()
+    knee = int(summary.knee["trial"])
+    record = TrialRecord.from_row(frame[frame["trial"] == knee].iloc[0])
+    result = refit_trial(
+        tracker,
+        record,
+        task,
+        task.fresh_model(),
+        epochs=config.refit_epochs,
+        train=config.train_settings(),
+        seed=config.seed,
+        log=log,
+    )
+    score = task.score
+    test = result.metrics.get(score.test_column)
+    refit_seconds = time.monotonic() - start
+    log(
+        f"knee trial {knee:04d} refit for {config.refit_epochs} epoch(s): val {score.name} "
+        f"{record.value(score.column):.4f} -> {result.metrics[score.column]:.4f}"
+        + (f", test {test:.4f}" if test is not None else "")
+        + f" in {refit_seconds / 60:.1f} min (search + refit {(elapsed + refit_seconds) / 60:.1f}"
+        f" min); tdsearch export --name {name} --select knee --checkpoint model.pt writes it"
+    )
 
 
 def _close_interrupted(tracker: Tracker, state: SearchState, directory: Path) -> None:

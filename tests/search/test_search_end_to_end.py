@@ -196,6 +196,13 @@ def test_export_refits_the_chosen_trial_and_logs_it_under_the_trials_run(search)
     assert [m.step for m in history] == [1, 2]
     assert search_trials(root) == BUDGET  # the refit is not a trial of the search
 
+    # a later export of that trial writes the refit model, and says so
+    again = run("export", "--checkpoint", "again.pt", cwd=root)
+    assert again.returncode == 0 and "its model is the refit of run" in again.stderr
+    model = tdsearch.load_compressed(root / "again.pt")
+    accuracy, _ = evaluate(model, task.data, task.data.val, device=torch.device("cpu"))
+    assert accuracy == pytest.approx(after, abs=5e-5)
+
     bad = run("export", "--refit-epochs", "1", "--refit-lr", "-1", cwd=root)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--refit-lr" in bad.stderr
     lost = run("export", "--refit-epochs", "1", "--storage", "elsewhere", cwd=root)
