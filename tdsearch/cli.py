@@ -138,7 +138,8 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--format",
-        help="format of conv layers: tt (default), tt-matrix, tucker2, svd",
+        help="format of conv layers: tt (default), tt-matrix, tucker2, svd, or auto (each "
+        "layer's format searched: the formats that apply to it, or dense)",
     )
     g.add_argument(
         "--linear-format",

@@ -35,7 +35,7 @@ from tdsearch.search.store import (
 )
 from tdsearch.search.sync import RunLayout, trial_number
 from tdsearch.search.trial import TrialSettings, run_trial
-from tdsearch.spaces import SearchSpace, build_space, select_layers
+from tdsearch.spaces import AUTO, SearchSpace, build_space, select_layers
 from tdsearch.task import Task, load_task, open_task
 from tdsearch.tensor import LayerInfo
 from tdsearch.trainers import Trainer
@@ -118,12 +118,19 @@ def build_search_space(
                 f"{config.space.method_name} does not factorize {kind} layers yet "
                 f"({', '.join(names[:5])}); leave them out with --exclude-layers"
             )
+    if config.format == AUTO and config.space.method_name != "decompose":
+        raise UserError(
+            f"--format auto is for --method decompose; {config.space.method_name} takes a "
+            "fixed format"
+        )
     conv_format = trainer.conv_format(config.format)
     return build_space(
         layers,
         method=config.space.method_name,
         conv_format=conv_format,
-        linear_format=trainer.linear_format(config.linear_format, conv_format),
+        linear_format=config.linear_format
+        if conv_format == AUTO
+        else trainer.linear_format(config.linear_format, conv_format),
         method_dims=[
             *trainer.search_dimensions(),
             *trainer.layer_dimensions(selected),

@@ -86,7 +86,7 @@ def _within_space(space: SearchSpace, slot: LayerSlot, curve: Sequence[Choice]) 
     dims = {d.name: d for d in space.dimensions}
     lowest = [
         max(1, math.ceil(dims[name].low * upper)) if space.rank_mode == "fraction" else 1
-        for name, upper in zip(slot.dims, slot.upper, strict=True)
+        for name, upper in zip(slot.dims[: len(slot.upper)], slot.upper, strict=True)
     ]
     return [
         c
@@ -115,7 +115,7 @@ def _allocated(
     values: dict[str, list[float]] = {}
     for slot in slots:
         chosen = allocation.table[slot.info.name].ranks
-        for name, rank, upper in zip(slot.dims, chosen, slot.upper, strict=True):
+        for name, rank, upper in zip(slot.dims[: len(slot.upper)], chosen, slot.upper, strict=True):
             # a fraction f gives the rank ceil(f * upper): (r - 1/2) / upper gives r exactly
             value = (rank - 0.5) / upper if space.rank_mode == "fraction" else rank
             values.setdefault(name, []).append(value)

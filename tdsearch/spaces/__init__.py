@@ -33,6 +33,28 @@ from tdsearch.tensor import (
 LINEAR_FORMAT = {"tt": "svd", "tt-matrix": "tt-matrix", "tucker2": "svd", "svd": "svd"}
 CONV_FORMATS = tuple(LINEAR_FORMAT)
 LINEAR_FORMATS = ("svd", "tt-matrix")
+#: ``--format auto``: each layer's format is a search dimension over the formats that apply to
+#: its kind (the first one is where uniform and allocated starts begin), and ``dense``.
+AUTO = "auto"
+AUTO_FORMATS = {
+    "conv": ("tt", "tucker2", "svd", "tt-matrix"),
+    "grouped conv": ("tt", "tucker2", "svd"),
+    "linear": ("svd", "tt-matrix"),
+    "recurrent": ("svd", "tt-matrix"),
+    "embedding": ("tt-matrix",),
+}
+
+
+def candidate_formats(info: LayerInfo, conv_format: str, linear_format: str | None) -> tuple:
+    """The formats a layer may take: the one of ``conv_format`` / ``linear_format``, or with
+    ``auto`` every format that applies to its kind (a fixed ``linear_format`` still fixes the
+    linear layers')."""
+    if conv_format != AUTO:
+        return (layer_format(info.kind, conv_format, linear_format),)
+    if info.kind == "linear" and linear_format is not None:
+        return (linear_format,)
+    kind = "grouped conv" if info.kind == "conv" and info.groups > 1 else info.kind
+    return AUTO_FORMATS[kind]
 
 
 def layer_format(kind: str, conv_format: str, linear_format: str | None = None) -> str:
@@ -57,8 +79,12 @@ def check_space_settings(
     Raises:
         UserError: an unknown format, rank mode or tie, or a value out of range.
     """
-    if conv_format not in CONV_FORMATS:
-        raise UserError(f"unknown format {conv_format!r}; choose one of {', '.join(CONV_FORMATS)}")
+    if conv_format not in (*CONV_FORMATS, AUTO):
+        raise UserError(
+            f"unknown format {conv_format!r}; choose one of {', '.join(CONV_FORMATS)} or {AUTO}"
+        )
+    if conv_format == AUTO and rank_mode != "fraction":
+        raise UserError("--format auto searches rank fractions; it takes no --rank-mode int")
     if linear_format is not None and linear_format not in LINEAR_FORMATS:
         raise UserError(
             f"unknown linear format {linear_format!r}; choose one of {', '.join(LINEAR_FORMATS)}"
@@ -111,34 +137,43 @@ def build_space(
     chosen = select_layers(infos, include, exclude)
     bounds = _resolve_bounds(chosen, rank_bounds or {})
 
-    templates, uppers, lowers, counts, groups = [], [], [], [], []
+    if conv_format == AUTO and bounds:
+        raise UserError("rank bounds (--rank) need a fixed --format, not auto")
+    alternatives, lowers, counts, groups = [], [], [], []
     for info in chosen:
-        fmt = layer_format(info.kind, conv_format, linear_format)
-        template = make_spec(info, fmt, cores=tt_matrix_cores)
-        limits = rank_limits(info, template)
-        useful = max(1, largest_compressing_rank(info, template))
-        low, high = bounds.get(info.name, (1, None))
-        for r in (low, high):
-            if r is not None and r > max(limits):
-                raise UserError(
-                    f"rank bound {r} for layer {info.name} exceeds what its "
-                    f"{'x'.join(map(str, info.weight_shape))} weight can hold in "
-                    f"{template.format} (at most {'x'.join(map(str, limits))})"
-                )
-        upper = tuple(min(m, high if high is not None else useful) for m in limits)
-        templates.append(template)
-        uppers.append(upper)
-        lowers.append(low)
-        counts.append(rank_count(info, template))
+        options = []
+        for fmt in candidate_formats(info, conv_format, linear_format):
+            template = make_spec(info, fmt, cores=tt_matrix_cores)
+            limits = rank_limits(info, template)
+            useful = largest_compressing_rank(info, template)
+            if useful == 0 and conv_format == AUTO:
+                continue  # no rank of this format makes the layer smaller and no costlier
+            low, high = bounds.get(info.name, (1, None))
+            for r in (low, high):
+                if r is not None and r > max(limits):
+                    raise UserError(
+                        f"rank bound {r} for layer {info.name} exceeds what its "
+                        f"{'x'.join(map(str, info.weight_shape))} weight can hold in "
+                        f"{template.format} (at most {'x'.join(map(str, limits))})"
+                    )
+            cap = high if high is not None else max(1, useful)
+            options.append((template, tuple(min(m, cap) for m in limits)))
+        alternatives.append(tuple(options))
+        lowers.append(bounds.get(info.name, (1, None))[0])
+        counts.append(max((rank_count(info, t) for t, _ in options), default=0))
         groups.append(f"{tie_group(info.name, tie)}" if tie != "none" else info.name)
 
     dims: dict[str, Dimension] = {}
     slots = []
     names_per_layer = group_dims(groups, counts) if not selects_ranks else [()] * len(chosen)
-    for info, template, upper, low, names in zip(
-        chosen, templates, uppers, lowers, names_per_layer, strict=True
+    for info, options, low, names in zip(
+        chosen, alternatives, lowers, names_per_layer, strict=True
     ):
-        for name, u in zip(names, upper, strict=False):
+        if not options:  # auto, and no format compresses the layer: it stays dense
+            continue
+        template, upper = options[0]
+        longest = max((u for _, u in options), key=len)  # auto: every format's positions
+        for name, u in zip(names, longest, strict=False):
             dim = rank_dimension(name, u, rank_mode, min_fraction)
             if rank_mode == "int":
                 previous = dims.get(name)
@@ -147,7 +182,15 @@ def build_space(
             elif low > 1:
                 dim = Dimension(name, "float", min(1.0, low / u), 1.0, help=dim.help)
             dims[name] = dim
-        slots.append(LayerSlot(info, template, names, upper))
+        if conv_format == AUTO:
+            format_dim = f"format.{info.name}"
+            choices = (*(t.format for t, _ in options), "dense")
+            dims[format_dim] = Dimension(
+                format_dim, "categorical", choices=choices, help="the layer's format"
+            )
+            slots.append(LayerSlot(info, template, names, upper, format_dim, options))
+        else:
+            slots.append(LayerSlot(info, template, names, upper))
 
     for dim in method_dims:
         if dim.name in dims:
@@ -180,6 +223,8 @@ def _resolve_bounds(
 
 
 __all__ = [
+    "AUTO",
+    "AUTO_FORMATS",
     "CONV_FORMATS",
     "LINEAR_FORMAT",
     "LINEAR_FORMATS",
@@ -189,6 +234,7 @@ __all__ = [
     "LayerSlot",
     "SearchSpace",
     "build_space",
+    "candidate_formats",
     "check_space_settings",
     "default_layers",
     "layer_format",

@@ -78,12 +78,35 @@ def _short(value: float | None) -> str:
 @dataclass(frozen=True)
 class LayerSlot:
     """A searched layer: its format template (modes, no ranks), one dimension name per rank
-    position (shared by the layers of a tie group) and the largest useful rank per position."""
+    position (shared by the layers of a tie group) and the largest useful rank per position.
+
+    With ``--format auto`` the layer's format is searched too: ``format_dim`` names its
+    categorical dimension and ``alternatives`` holds (template, largest useful ranks) per
+    format, the first of them being ``template`` / ``upper``. The rank fractions are the
+    format's size knobs: a format with fewer ranks reads the first ones.
+    """
 
     info: LayerInfo
     template: LayerRanks
     dims: tuple[str, ...]
     upper: tuple[int, ...]
+    format_dim: str | None = None
+    alternatives: tuple[tuple[LayerRanks, tuple[int, ...]], ...] = ()
+
+    def chosen(self, config: Mapping[str, object]) -> tuple[LayerRanks, tuple[int, ...]] | None:
+        """(template, largest useful ranks) of the format ``config`` picks; None for dense."""
+        if self.format_dim is None:
+            return self.template, self.upper
+        fmt = config[self.format_dim]
+        if fmt == "dense":
+            return None
+        return next(alt for alt in self.alternatives if alt[0].format == fmt)
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        if self.format_dim is None:
+            return (self.template.format,)
+        return (*(t.format for t, _ in self.alternatives), "dense")
 
 
 @dataclass(frozen=True)
@@ -116,21 +139,22 @@ class SearchSpace:
         """The rank table a trial's config stands for (rank positions capped to feasibility)."""
         layers = []
         for slot in self.slots:
+            chosen = slot.chosen(config)
+            if chosen is None:  # --format auto left the layer dense
+                continue
+            template, upper = chosen
             if self.rank_mode == "none":
-                ranks = slot.upper
+                ranks = upper
             else:
-                raw = [config[name] for name in slot.dims]
+                raw = [config[name] for name in slot.dims[: len(upper)]]
                 if self.rank_mode == "fraction":
                     ranks = [
-                        max(1, math.ceil(float(f) * u))
-                        for f, u in zip(raw, slot.upper, strict=True)
+                        max(1, math.ceil(float(f) * u)) for f, u in zip(raw, upper, strict=True)
                     ]
                 else:
-                    ranks = [min(int(r), u) for r, u in zip(raw, slot.upper, strict=True)]
-            ranks = feasible_ranks(slot.info, slot.template, ranks)
-            layers.append(
-                (slot.info.name, LayerRanks(slot.template.format, ranks, slot.template.modes))
-            )
+                    ranks = [min(int(r), u) for r, u in zip(raw, upper, strict=True)]
+            ranks = feasible_ranks(slot.info, template, ranks)
+            layers.append((slot.info.name, LayerRanks(template.format, ranks, template.modes)))
         return RankTable(layers)
 
     def hyperparameters(self, config: Mapping[str, object]) -> dict[str, object]:
@@ -143,7 +167,8 @@ class SearchSpace:
         dimension at its midpoint (geometric for log scales): the informed starting points."""
         config: dict[str, object] = {}
         for slot in self.slots:
-            for name, upper in zip(slot.dims, slot.upper, strict=True):
+            for k, name in enumerate(slot.dims):
+                upper = slot.upper[min(k, len(slot.upper) - 1)]  # auto: more dims than ranks
                 if self.rank_mode == "fraction":
                     config[name] = fraction
                 elif self.rank_mode == "int":
@@ -169,7 +194,8 @@ class SearchSpace:
             "layers": [
                 {
                     "layer": s.info.name,
-                    "format": s.template.format,
+                    "format": s.template.format if s.format_dim is None else "auto",
+                    "formats": list(s.formats),
                     "dims": list(s.dims),
                     "upper": list(s.upper),
                 }
@@ -190,9 +216,10 @@ class SearchSpace:
         for slot in self.slots:
             shape = "x".join(map(str, slot.info.weight_shape))
             dims = ", ".join(slot.dims) if slot.dims else "(chosen during training)"
-            rows.append(
-                [slot.info.name, shape, slot.template.format, "x".join(map(str, slot.upper)), dims]
-            )
+            fmt = "|".join(slot.formats)
+            if slot.format_dim is not None:
+                dims = f"{slot.format_dim}, {dims}"
+            rows.append([slot.info.name, shape, fmt, "x".join(map(str, slot.upper)), dims])
         lines.append(format_table(rows, ["layer", "weight", "format", "max ranks", "dimensions"]))
         if self.dimensions:
             lines.append("")

@@ -1,0 +1,128 @@
+"""Search spaces with ``--format auto``: each layer's format is a categorical dimension over
+the formats that apply to its kind and ``dense``; the rank fractions are read by whichever
+format a trial picks; the space reaches far smaller models than one fixed format does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import tdsearch
+from tdsearch.errors import UserError
+from tdsearch.models import build_model
+from tdsearch.spaces import build_space
+from tdsearch.tensor import compress, count_params, decomposable_layers
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    torch.manual_seed(0)
+    model = build_model("lenet5", (1, 28, 28), 10)
+    return model, decomposable_layers(model, (1, 28, 28))
+
+
+def test_each_layer_gets_a_format_dimension_over_what_applies_to_it(lenet):
+    _, layers = lenet
+    space = build_space(layers, method="decompose", conv_format="auto")
+    dims = {d.name: d for d in space.dimensions}
+    assert dims["format.conv2"].choices == ("tt", "tucker2", "svd", "tt-matrix", "dense")
+    assert dims["format.fc1"].choices == ("svd", "tt-matrix", "dense")
+    # a conv's TT-matrix (spatial rank + two TT ranks) needs three fraction dimensions
+    assert [s.dims for s in space.slots] == [
+        ("rank.conv2.1", "rank.conv2.2", "rank.conv2.3"),
+        ("rank.fc1.1", "rank.fc1.2"),
+    ]
+    assert "tt|tucker2|svd|tt-matrix|dense" in space.describe()
+    fixed = build_space(layers, method="decompose", conv_format="auto", linear_format="svd")
+    choices = {d.name: d.choices for d in fixed.dimensions}
+    assert choices["format.fc1"] == ("svd", "dense")  # --linear-format fixes it, or dense
+
+
+@pytest.mark.parametrize(
+    "conv, linear", [("tt", "svd"), ("tucker2", "tt-matrix"), ("tt-matrix", "dense")]
+)
+def test_a_trial_config_builds_the_table_of_its_formats(lenet, conv, linear):
+    model, layers = lenet
+    space = build_space(layers, method="decompose", conv_format="auto")
+    config = {**space.uniform_config(0.3), "format.conv2": conv, "format.fc1": linear}
+    table = space.rank_table(config)
+    assert table["conv2"].format == conv
+    if linear == "dense":
+        assert "fc1" not in table
+    else:
+        assert table["fc1"].format == linear
+    x = torch.randn(2, 1, 28, 28)
+    assert compress(model, table)(x).shape == (2, 10)
+
+
+def test_auto_reaches_far_smaller_models_than_the_default_format(lenet):
+    """The smallest model of the default space (TT conv, SVD linear) against the smallest one
+    auto can express (TT-matrix fc1): several times fewer params."""
+    model, layers = lenet
+    default = build_space(layers, method="decompose")
+    auto = build_space(layers, method="decompose", conv_format="auto")
+    low = default.uniform_config(0.05)
+    smallest_default = count_params(compress(model, default.rank_table(low), init=False))
+    config = {**auto.uniform_config(0.05), "format.fc1": "tt-matrix"}
+    smallest_auto = count_params(compress(model, auto.rank_table(config), init=False))
+    assert smallest_auto * 3 < smallest_default, (smallest_auto, smallest_default)
+
+
+def test_auto_is_refused_where_it_does_not_apply(lenet, tmp_path):
+    _, layers = lenet
+    with pytest.raises(UserError, match="no --rank-mode int"):
+        tdsearch.create_search(
+            model=nn.Linear(4, 2), data=_data(), format="auto", rank_mode="int", storage=tmp_path
+        )
+    with pytest.raises(UserError, match="--format auto is for --method decompose"):
+        tdsearch.create_search(
+            model=_Net(), data=_data(), format="auto", method="admm-tt", storage=tmp_path
+        ).optimize(budget=1)
+    with pytest.raises(UserError, match="need a fixed --format"):
+        build_space(layers, method="decompose", conv_format="auto", rank_bounds={"conv2": (2, 4)})
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def _data():
+    data = TensorDataset(torch.randn(16, 8), torch.randint(0, 3, (16,)))
+    return data, data
+
+
+def test_a_search_with_auto_formats_runs_and_records_each_trials_formats(tmp_path):
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    search = tdsearch.create_search(
+        model=_Net(),
+        data=(TensorDataset(x[:48], y[:48]), TensorDataset(x[48:], y[48:])),
+        format="auto",
+        layers=["a", "b"],
+        name="auto",
+        storage=tmp_path / "runs",
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        epochs=1,
+        baseline_epochs=1,
+        initial_trials=1,
+        early_stopping="none",
+        log=None,
+    )
+    search.optimize(budget=2)
+    trials = search.trials
+    assert len(trials) == 2 and (trials["status"] == "FINISHED").all()
+    records = search._tracker().trial_records(search._parent().info.run_id)
+    # trial 1 is the informed start: every layer in its first format (svd for linear layers)
+    assert {name: spec.format for name, spec in records[0].table.items()} == {
+        "a": "svd",
+        "b": "svd",
+    }
+    for record in records:  # every trial's layers in a format that applies, or left dense
+        assert all(spec.format in ("svd", "tt-matrix") for spec in record.table.values())
