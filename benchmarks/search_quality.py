@@ -3,8 +3,9 @@
 On LeNet-5 / Fashion-MNIST with the decompose trainer, each repetition (seed) runs, through the
 real ``tdsearch`` command:
 
-* tdsearch with TPE (multi-objective), NSGA-II, and TPE after five informed starts (uniform
-  or one-shot allocated ranks),
+* tdsearch with TPE (multi-objective), the Gaussian-process sampler, NSGA-II, TPE after five
+  informed starts (uniform or one-shot allocated ranks), and TPE over each layer's format too
+  (``--format auto``),
 * plain random search over the same space (``--sampler random``),
 * a uniform-rank sweep: one rank fraction for all layers, evenly spread (``--initial-trials``
   with ``--initial-ranks uniform``),
@@ -50,6 +51,8 @@ ARMS = {
         ["--sampler", "tpe", "--initial-trials", "5", "--initial-ranks", "allocated"],
     ),
     "tdsearch NSGA-II": ("nsga2", ["--sampler", "nsga2"]),
+    "tdsearch GP (log EHVI)": ("gp", ["--sampler", "gp"]),
+    "tdsearch TPE, --format auto": ("auto", ["--sampler", "tpe", "--format", "auto"]),
     "random search": ("random", ["--sampler", "random"]),
 }
 

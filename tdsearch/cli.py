@@ -189,7 +189,7 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--concurrency", type=int, help="trials at once (1)")
     g.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (all / concurrency)")
     g.add_argument("--gpus-per-trial", type=float, help="GPUs per trial (0)")
-    g.add_argument("--sampler", help="tpe (default), nsga2 or random")
+    g.add_argument("--sampler", help="tpe (default), gp, nsga2 or random")
     g.add_argument(
         "--initial-trials",
         type=int,

@@ -31,7 +31,7 @@ from tdsearch.errors import UserError
 from tdsearch.scoring import Score
 from tdsearch.training import OPTIMIZERS, TrainSettings
 
-SAMPLERS = ("tpe", "nsga2", "random")
+SAMPLERS = ("tpe", "gp", "nsga2", "random")
 #: how the first ``initial_trials`` trials choose their ranks (tdsearch.search.starts)
 INITIAL_RANKS = ("allocated", "uniform")
 #: where the latency objective is measured: PyTorch eager, or the exported ONNX file in ONNX Runtime
