@@ -354,8 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-o", "--output", help="rank table file (.yaml, .json, .csv or .md)")
     p.add_argument(
-        "--checkpoint", help="also write the compressed model (not fine-tuned) here (.pt)"
+        "--checkpoint",
+        help="also write the compressed model here (.pt; fine-tuned with --fine-tune-epochs)",
     )
+    p.add_argument(
+        "--fine-tune-epochs",
+        type=_positive_int,
+        help="fine-tune the compressed model this many epochs (the search's trial optimiser)",
+    )
+    p.add_argument("--lr", type=float, help="learning rate of the fine-tuning")
     p.set_defaults(handler=_cmd_allocate)
 
     p = sub.add_parser("baseline", help="train (or load from cache) the dense baseline")
@@ -722,6 +729,8 @@ def _cmd_allocate(args: argparse.Namespace) -> int:
         )
     if args.ratio is not None and not (math.isfinite(args.ratio) and args.ratio > 1):
         raise UserError(f"--ratio must be a number above 1, got {args.ratio:g}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise UserError(f"--lr must be a positive number, got {args.lr:g}")
     fmt = None
     default_store = f"sqlite:///{Path('mlflow.db').resolve()}"  # never written over
     if args.output:
@@ -770,6 +779,21 @@ def _cmd_allocate(args: argparse.Namespace) -> int:
         except OSError as err:
             raise UserError(f"cannot write -o {args.output}: {err.strerror or err}") from None
         print(f"rank table written to {path}")
+    if args.fine_tune_epochs:
+        from tdsearch.config import TrainingSettings
+        from tdsearch.refit import refit
+
+        train = TrainingSettings(epochs=args.fine_tune_epochs, lr=args.lr).for_model(
+            spec.model_label
+        )
+        result = refit(compact, task, epochs=args.fine_tune_epochs, train=train, seed=args.seed)
+        compact = result.model
+        test = result.metrics.get(task.score.test_column)
+        print(
+            f"after {args.fine_tune_epochs} fine-tuning epoch(s): validation {task.score.name} "
+            f"{result.metrics[task.score.column]:.4f}"
+            + (f", test {test:.4f}" if test is not None else "")
+        )
     if args.checkpoint:
         path = save_compressed(
             Path(args.checkpoint),
