@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "allocate",
-        help="one-shot ranks for a parameter budget from the trained weights (no search)",
+        help="one-shot ranks for a parameter (or MACs) budget from the trained weights (no search)",
     )
     _add_task_options(p)
     budget = p.add_mutually_exclusive_group(required=True)
@@ -346,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ratio", type=float, help="fewer params than the dense model by this factor, e.g. 10"
     )
     budget.add_argument("--max-params", type=_positive_int, help="most params of the model")
+    budget.add_argument("--max-macs", type=_positive_int, help="most MACs of the model per input")
     p.add_argument(
         "--format",
         dest="conv_format",
@@ -745,11 +746,14 @@ def _cmd_allocate(args: argparse.Namespace) -> int:
     task = load_task(spec, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
     model = task.dense_model()
     dense_params = count_params(model)
-    max_params = args.max_params or int(dense_params / args.ratio)
     layers = [i for i in default_layers(task.layers) if can_allocate(i)]
     if not layers:
         raise UserError(f"{spec.model_label} has no conv or linear layer to allocate ranks to")
-    allocation = allocate(model, layers, max_params=max_params, formats={"conv": args.conv_format})
+    if args.max_macs:
+        budget = {"max_macs": args.max_macs, "input_shape": task.input_shape}
+    else:
+        budget = {"max_params": args.max_params or int(dense_params / args.ratio)}
+    allocation = allocate(model, layers, formats={"conv": args.conv_format}, **budget)
     compact = compress(model, allocation.table)
     score, _ = evaluate(
         compact, task.data, task.data.val, device=default_device(), score=task.score
@@ -767,11 +771,21 @@ def _cmd_allocate(args: argparse.Namespace) -> int:
             ]
         )
     print(format_table(rows, ["layer", "format", "ranks", "weights", "rel. error"]))
+    if allocation.macs is not None:
+        size = (
+            f"{human_count(allocation.dense_macs)} -> {human_count(allocation.macs)} MACs "
+            f"({allocation.macs_reduction:.1f}x, budget {human_count(args.max_macs)}), "
+            f"{human_count(allocation.params)} params ({allocation.compression:.1f}x)"
+        )
+    else:
+        size = (
+            f"{human_count(dense_params)} -> {human_count(allocation.params)} params "
+            f"({allocation.compression:.1f}x, budget {human_count(budget['max_params'])})"
+        )
     print(
-        f"{human_count(dense_params)} -> {human_count(allocation.params)} params "
-        f"({allocation.compression:.1f}x, budget {human_count(max_params)}); largest relative "
-        f"weight error {allocation.max_error:.3f}; validation {task.score.name} before "
-        f"fine-tuning {score:.4f} (dense {task.baseline_metrics[task.score.column]:.4f})"
+        f"{size}; largest relative weight error {allocation.max_error:.3f}; validation "
+        f"{task.score.name} before fine-tuning {score:.4f} (dense "
+        f"{task.baseline_metrics[task.score.column]:.4f})"
     )
     if args.output:
         try:

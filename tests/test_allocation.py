@@ -69,6 +69,42 @@ def test_the_allocation_holds_the_budget_with_a_smaller_largest_error_than_unifo
     assert allocation.max_error <= max(_errors(model, uniform).values()) + 1e-9
 
 
+@pytest.mark.parametrize("fmt", ["tt", "svd"])
+@pytest.mark.parametrize("reduction", [2, 4])
+def test_a_macs_budget_holds_exactly_as_the_compact_model_counts(digits_task, fmt, reduction):
+    """``max_macs``: the compact model's MACs, counted by the flop counter, are the
+    allocation's and within the budget; the largest error is no worse than uniform ranks' at
+    the same MACs (SVD, where the curve is exact)."""
+    from tdsearch.tensor import count_macs
+
+    model = digits_task.dense_model()
+    shape = digits_task.input_shape
+    layers = [i for i in digits_task.layers if i.name in ("conv2", "fc1")]
+    budget = count_macs(model, shape) // reduction
+    allocation = allocate(model, layers, max_macs=budget, input_shape=shape, formats={"conv": fmt})
+    compact = compress(model, allocation.table)
+    assert count_macs(compact, shape) == allocation.macs <= budget
+    assert allocation.macs_reduction >= reduction * 0.99
+    assert count_params(compact) == allocation.params
+    if fmt == "svd":
+        space = build_space(
+            digits_task.layers, method="decompose", conv_format="svd", linear_format="svd"
+        )
+        for fraction in (0.05, 0.1, 0.2, 0.4, 0.8):  # the largest uniform start within budget
+            uniform = space.rank_table(space.uniform_config(fraction))
+            if count_macs(compress(model, uniform, init=False), shape) <= budget:
+                best_uniform = max(_errors(model, uniform).values())
+        assert allocation.max_error <= best_uniform + 1e-9
+
+
+def test_one_budget_is_needed(digits_task):
+    model = digits_task.dense_model()
+    with pytest.raises(UserError, match="give one budget"):
+        allocate(model, digits_task.layers)
+    with pytest.raises(UserError, match="needs the input shape"):
+        allocate(model, digits_task.layers, max_macs=10**6)
+
+
 def test_a_budget_below_the_smallest_ranks_is_one_sentence(digits_task):
     model = digits_task.dense_model()
     with pytest.raises(UserError, match="below what the smallest ranks reach"):
@@ -108,6 +144,14 @@ def test_allocate_writes_a_rank_table_and_a_model_within_the_ratio(
     dense = sum(p.numel() for p in torch.load(weights).values())
     assert count_params(model) <= dense / 10
 
+    args = ["allocate", "--dataset", "digits", "--weights", weights, "--max-macs", "600000"]
+    assert main([*args, "--checkpoint", "macs.pt"]) == 0
+    assert "MACs (" in capsys.readouterr().out
+    from tdsearch.tensor import count_macs
+
+    compact = tdsearch.load_compressed(tmp_path / "macs.pt")
+    assert count_macs(compact, (1, 28, 28)) <= 600_000
+
 
 def test_allocate_fine_tunes_when_asked_and_writes_the_fine_tuned_model(
     weights, tmp_path, capsys, monkeypatch, digits_task
@@ -141,7 +185,8 @@ def test_allocate_fine_tunes_when_asked_and_writes_the_fine_tuned_model(
         (["--ratio", "10", "--format", "tt-matrix"], "knows svd, tucker2, tt"),
         (["--max-params", "10"], "below what the smallest ranks reach"),
         (["--ratio", "10", "--max-params", "5000"], "not allowed with argument"),
-        ([], "one of the arguments --ratio --max-params is required"),
+        ([], "one of the arguments --ratio --max-params --max-macs is required"),
+        (["--max-macs", "1000"], "below what the smallest ranks reach"),
         (["--ratio", "10", "-o", "ranks.txt"], "cannot tell the table format"),
     ],
 )
