@@ -168,7 +168,9 @@ def test_export_reloads_to_what_the_trial_reported(search):
     assert md.returncode == 0 and md.stdout.startswith("| layer | format | ranks |")
 
 
-def test_export_refits_the_chosen_trial_and_logs_it_under_the_trials_run(search):
+def test_export_refits_the_chosen_trial_and_logs_it_under_the_trials_run(
+    search, capsys, monkeypatch
+):
     """``--refit-epochs 2``: the knee trial's model trained on, before -> after printed, the
     checkpoint is the refit model (its validation accuracy is the printed one), the refit is a
     run nested under the trial's run, and the search's trials are what they were."""
@@ -196,17 +198,22 @@ def test_export_refits_the_chosen_trial_and_logs_it_under_the_trials_run(search)
     assert [m.step for m in history] == [1, 2]
     assert search_trials(root) == BUDGET  # the refit is not a trial of the search
 
-    # a later export of that trial writes the refit model, and says so
-    again = run("export", "--checkpoint", "again.pt", cwd=root)
-    assert again.returncode == 0 and "its model is the refit of run" in again.stderr
+    # a later export of that trial writes the refit model, and says so (in this process)
+    from tdsearch.cli import main
+
+    monkeypatch.chdir(root)
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", "again.pt"]) == 0
+    assert "its model is the refit of run" in capsys.readouterr().err
     model = tdsearch.load_compressed(root / "again.pt")
     accuracy, _ = evaluate(model, task.data, task.data.val, device=torch.device("cpu"))
     assert accuracy == pytest.approx(after, abs=5e-5)
 
-    bad = run("export", "--refit-epochs", "1", "--refit-lr", "-1", cwd=root)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--refit-lr" in bad.stderr
-    lost = run("export", "--refit-epochs", "1", "--storage", "elsewhere", cwd=root)
-    assert lost.returncode == 2 and "set --storage" in lost.stderr, lost.stderr
+    assert main(["export", "--refit-epochs", "1", "--refit-lr", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--refit-lr must be positive" in err
+    assert main(["export", "--refit-epochs", "1", "--storage", "elsewhere"]) == 2
+    assert "set --storage" in capsys.readouterr().err
 
 
 def search_trials(root: Path) -> int:

@@ -395,6 +395,7 @@ def test_shared_ranks_are_held_by_every_matrix_unchanged():
     assert all(m.layer_ranks().ranks == shared for m in [*layer.ih, *layer.hh])
 
 
+@pytest.mark.slow  # shares the slow suite's WordNet task with the ADMM-TT LSTM tests
 def test_mars_selects_the_ranks_of_an_lstm_on_real_text(wordnet_task, reporter, tmp_path):
     """MARS on the text model's LSTM (SVD matrices, shared masks) on real WordNet glosses: the
     ranks shrink from the starting ones, the result is a plain factorized LSTM at the selected
