@@ -313,26 +313,15 @@ def main() -> None:
                 "trials to reach sweep-20 HV": reach(frame, target, baseline),
             }
             rows.append(row)
-        for size in args.sweeps:
-            frame = trials_of(tracker, f"uniform{size}-seed{rep}")
-            fronts[f"uniform sweep ({size})"] = frame
-            row = {
-                "method": f"uniform sweep ({size})",
-                "rep": rep,
-                **measure(frame, baseline, size),
-            }
-            if size == small:
-                row["trials to reach sweep-20 HV"] = reach(frame, target, baseline)
-            rows.append(row)
+        sweeps = [(f"uniform sweep ({n})", f"uniform{n}-seed{rep}", n) for n in args.sweeps]
         if allocated:
-            frame = trials_of(tracker, f"allocated{allocated}-seed{rep}")
-            fronts[f"one-shot allocation sweep ({allocated})"] = frame
-            row = {
-                "method": f"one-shot allocation sweep ({allocated})",
-                "rep": rep,
-                **measure(frame, baseline, allocated),
-            }
-            if allocated == small:
+            name = f"allocated{allocated}-seed{rep}"
+            sweeps.append((f"one-shot allocation sweep ({allocated})", name, allocated))
+        for method, name, size in sweeps:
+            frame = trials_of(tracker, name)
+            fronts[method] = frame
+            row = {"method": method, "rep": rep, **measure(frame, baseline, size)}
+            if size == small:
                 row["trials to reach sweep-20 HV"] = reach(frame, target, baseline)
             rows.append(row)
         if args.evbmf:

@@ -97,23 +97,28 @@ def test_hard_masks_equal_the_sliced_standard_layer(layer, fmt, cores):
     the sliced layer is the standard class at the selected ranks, loadable by compress."""
     net, model, masks, table = _masked_net(layer, fmt, cores)
     gen = torch.Generator().manual_seed(1)
+    compact = _random_masks_equal_slicing(net, model, masks, table, layer, INPUT, gen)
+    kind = "conv" if layer.startswith("c") else "linear"
+    assert type(compact.get_submodule(layer)) is layer_class(fmt, kind)
+
+
+def _random_masks_equal_slicing(net, model, masks, table, layer, shape, gen):
+    """Random logits close some slices; the hard-masked model equals its sliced copy, whose
+    layer holds the selected ranks and which ``compress`` rebuilds and reloads."""
     for logits in masks.logits():
         logits.data = torch.randn(logits.shape, generator=gen, dtype=logits.dtype)
     model.eval()
-    x = torch.randn(4, *INPUT, generator=gen, dtype=torch.float64)
+    x = torch.randn(3, *shape, generator=gen, dtype=torch.float64)
     compact = compact_copy(model)
     torch.testing.assert_close(compact(x), model(x), rtol=1e-10, atol=1e-12)
-
-    sliced = compact.get_submodule(layer)
-    kind = "conv" if layer.startswith("c") else "linear"
-    assert type(sliced) is layer_class(fmt, kind)
     selected = masks.selected_ranks()[layer]
-    assert sliced.layer_ranks().ranks == selected
-    assert sum(selected) < sum(table[layer].ranks)  # random logits close some slices
+    assert compact.get_submodule(layer).layer_ranks().ranks == selected
+    assert sum(selected) < sum(table[layer].ranks)
     assert table_of(compact) == masks.selected_table()
     rebuilt = compress(net, table_of(compact), init=False)
     rebuilt.load_state_dict(compact.state_dict())
     torch.testing.assert_close(rebuilt(x), compact(x))
+    return compact
 
 
 @pytest.mark.parametrize(("layer", "fmt", "cores"), CASES)
@@ -352,19 +357,7 @@ def test_shared_masks_equal_the_sliced_grouped_or_recurrent_layer(make, shape, f
     layer, whose ranks are the selected ones and which compress rebuilds and reloads."""
     net, model, masks, table, name = _masked_shared(make, shape, fmt)
     gen = torch.Generator().manual_seed(1)
-    for logits in masks.logits():
-        logits.data = torch.randn(logits.shape, generator=gen, dtype=logits.dtype)
-    model.eval()
-    x = torch.randn(3, *shape, generator=gen, dtype=torch.float64)
-    compact = compact_copy(model)
-    torch.testing.assert_close(compact(x), model(x), rtol=1e-10, atol=1e-12)
-    selected = masks.selected_ranks()[name]
-    assert compact.get_submodule(name).layer_ranks().ranks == selected
-    assert sum(selected) < sum(table[name].ranks)  # random logits close some slices
-    assert table_of(compact) == masks.selected_table()
-    rebuilt = compress(net, table_of(compact), init=False)
-    rebuilt.load_state_dict(compact.state_dict())
-    torch.testing.assert_close(rebuilt(x), compact(x))
+    _random_masks_equal_slicing(net, model, masks, table, name, shape, gen)
 
 
 @pytest.mark.parametrize(("make", "shape", "fmt"), SHARED_CASES)
