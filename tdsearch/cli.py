@@ -157,7 +157,7 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--layers",
-        help="comma-separated layer names or globs to decompose "
+        help="comma-separated layer names or globs to decompose, or all "
         "(default: all but the first conv and the last linear)",
     )
     g.add_argument("--exclude-layers", help="comma-separated layer names or globs to keep dense")

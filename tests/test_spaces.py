@@ -126,3 +126,12 @@ def test_a_search_with_auto_formats_runs_and_records_each_trials_formats(tmp_pat
     }
     for record in records:  # every trial's layers in a format that applies, or left dense
         assert all(spec.format in ("svd", "tt-matrix") for spec in record.table.values())
+
+
+def test_layers_all_takes_the_first_conv_and_the_last_linear_too(lenet):
+    from tdsearch.spaces import select_layers
+
+    _, layers = lenet
+    assert [i.name for i in select_layers(layers)] == ["conv2", "fc1"]
+    assert [i.name for i in select_layers(layers, ["all"])] == [i.name for i in layers]
+    assert [i.name for i in select_layers(layers, ["all"], ["fc2"])] == ["conv1", "conv2", "fc1"]

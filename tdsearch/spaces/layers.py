@@ -28,9 +28,12 @@ def default_layers(infos: Sequence[LayerInfo]) -> list[LayerInfo]:
 def select_layers(
     infos: Sequence[LayerInfo], include: Sequence[str] = (), exclude: Sequence[str] = ()
 ) -> list[LayerInfo]:
-    """The layers of the search: ``include`` patterns (names or globs; default: see
+    """The layers of the search: ``include`` patterns (names or globs; ``all`` for every
+    decomposable layer, the first conv and the last linear one included; default: see
     :func:`default_layers`) minus ``exclude`` patterns. A pattern that matches no decomposable
     layer is an error, so a typo never silently shrinks the search."""
+    if list(include) == ["all"]:
+        include = ["*"]
     names = [i.name for i in infos]
     for pattern in (*include, *exclude):
         if not fnmatch.filter(names, pattern):
