@@ -5,7 +5,9 @@ Each seed runs, through the real ``tdsearch`` command, a search of the default m
 the LSTM's SVD matrices searched together, the classifier dense) on a training subset, with its
 own dense baseline. Prints each seed's front (validation accuracy, params, MACs against its
 dense baseline) and, over the seeds, the best compression within 0.5 / 1.0 validation points of
-dense and the hypervolume of (accuracy, log10 params).
+dense (and of dense trained as many more epochs as a trial trains: the baseline's 4 epochs do
+not converge on the text task, so trials gain from their extra epochs) and the hypervolume of
+(accuracy, log10 params).
 
     python benchmarks/text_search.py --seeds 3 --budget 10 --max-train-samples 10000  # ~40 min
 
@@ -39,6 +41,45 @@ def front_table(frame: pd.DataFrame, baseline: dict[str, float]) -> pd.DataFrame
             "MACs ↓": (baseline["macs"] / front["macs"]).round(1),
         }
     )
+
+
+def dense_trained_on(out: Path, seed: int, max_train_samples: int) -> float:
+    """Validation accuracy of the dense baseline trained as long as a trial trains its
+    compressed model (the search's default epochs and optimiser, from the baseline's
+    weights): the fair reference when the baseline itself is not trained to convergence.
+    Stored in ``out`` so that a rerun reuses it."""
+    import json
+
+    from tdsearch.config import SearchConfig
+    from tdsearch.refit import refit
+    from tdsearch.task import load_task
+
+    stored = out / f"dense-more-seed{seed}.json"
+    if stored.is_file():
+        return json.loads(stored.read_text())["val_accuracy"]
+    config = SearchConfig.from_sources(
+        None,
+        {
+            "model": "text-lstm",
+            "dataset": "wordnet",
+            "max_train_samples": max_train_samples,
+            "cache_dir": str(out / "cache"),
+            "seed": seed,
+        },
+    )
+    task = load_task(config.task_spec(), cache_dir=out / "cache", log=lambda _: None)
+    train = config.train_settings()
+    result = refit(task.dense_model(), task, epochs=train.epochs, train=train, seed=seed)
+    value = result.metrics["val_accuracy"]
+    stored.write_text(json.dumps({"val_accuracy": value}))
+    return value
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    """``frame`` as a Markdown table (pandas' own needs the optional tabulate package)."""
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|---" * len(frame.columns) + "|"]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
 
 
 def mean_std(values: list[float]) -> str:
@@ -80,19 +121,24 @@ def main() -> None:
             f"\nseed {seed}: dense {100 * baseline['val_accuracy']:.2f}% validation, "
             f"{int(baseline['params']):,} params, {len(frame)} trials"
         )
-        print(front_table(frame, baseline).to_markdown(index=False))
+        print(markdown(front_table(frame, baseline)))
         acc = baseline["val_accuracy"]
+        more = dense_trained_on(args.out, seed, args.max_train_samples)
+        print(f"dense trained as long as a trial (2 more epochs): {100 * more:.2f}% validation")
         summary.append(
             {
                 "dense val acc": 100 * acc,
-                "best compr. ≤0.5pt": best_compression_within(frame, acc, 0.5),
-                "best compr. ≤1.0pt": best_compression_within(frame, acc, 1.0),
+                "dense + trial epochs val acc": 100 * more,
+                "best compr. ≤0.5pt of dense": best_compression_within(frame, acc, 0.5),
+                "best compr. ≤1.0pt of dense": best_compression_within(frame, acc, 1.0),
+                "best compr. ≤0.5pt of dense + epochs": best_compression_within(frame, more, 0.5),
+                "best compr. ≤1.0pt of dense + epochs": best_compression_within(frame, more, 1.0),
                 "HV params": hypervolume(frame, "params", baseline),
             }
         )
     print(f"\nover {args.seeds} seeds (mean ± std):")
     rows = [{"": key, "value": mean_std([s[key] for s in summary])} for key in summary[0]]
-    print(pd.DataFrame(rows).to_markdown(index=False))
+    print(markdown(pd.DataFrame(rows)))
 
 
 if __name__ == "__main__":
