@@ -483,8 +483,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
             fmt = format_from_suffix(Path(args.output))
         except ValueError as err:
             raise UserError(str(err)) from None
+    if args.refit_lr is not None and not args.refit_epochs:
+        raise UserError("--refit-lr sets the learning rate of a refit: give --refit-epochs too")
     if args.refit_lr is not None and not args.refit_lr > 0:
-        raise UserError(f"--refit-lr must be positive, got {args.refit_lr}")
+        raise UserError(f"--refit-lr must be positive, got {args.refit_lr:g}")
     tracker = Tracker(args.tracking_uri, args.experiment)
     if args.output:
         _check_output(Path(args.output), "-o", tracker.tracking_uri)
@@ -555,6 +557,13 @@ def _refit(args: argparse.Namespace, search, selected, checkpoint: Path) -> Path
         + f" after {args.refit_epochs} more epoch(s) (MLflow run {result.run_id})",
         file=sys.stderr,
     )
+    if score.signed(after) < score.signed(before):
+        print(
+            "warning: the refit scores below the trial's own model; --checkpoint / --onnx "
+            "get the refit as asked, a later export without --refit-epochs the trial's own "
+            "(try fewer epochs or a lower --refit-lr)",
+            file=sys.stderr,
+        )
     return choice.save(checkpoint, result.model, result.metrics)
 
 
@@ -562,7 +571,7 @@ def _write_models(args: argparse.Namespace, tracker, selected, refit: Path | Non
     """--checkpoint and --onnx of the trial's model, or of its refit (a local checkpoint)."""
     from tdsearch.mlflow.export import copy_checkpoint, write_checkpoint
 
-    if refit is None and selected.refit is not None and (args.checkpoint or args.onnx):
+    if refit is None and (args.checkpoint or args.onnx) and selected.describe_refit():
         print(selected.describe_refit(), file=sys.stderr)
     if args.checkpoint:
         try:
@@ -730,6 +739,8 @@ def _cmd_allocate(args: argparse.Namespace) -> int:
         )
     if args.ratio is not None and not (math.isfinite(args.ratio) and args.ratio > 1):
         raise UserError(f"--ratio must be a number above 1, got {args.ratio:g}")
+    if args.lr is not None and not args.fine_tune_epochs:
+        raise UserError("--lr sets the fine-tuning's learning rate: give --fine-tune-epochs too")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise UserError(f"--lr must be a positive number, got {args.lr:g}")
     fmt = None
@@ -737,8 +748,10 @@ def _cmd_allocate(args: argparse.Namespace) -> int:
     if args.output:
         try:
             fmt = format_from_suffix(Path(args.output))
-        except ValueError as err:
-            raise UserError(str(err)) from None
+        except ValueError:
+            raise UserError(
+                f"-o {args.output}: the rank table's file must end in .yaml, .json, .csv or .md"
+            ) from None
         _check_output(Path(args.output), "-o", default_store)
     if args.checkpoint:
         _check_output(Path(args.checkpoint), "--checkpoint", default_store)
@@ -778,9 +791,13 @@ def _cmd_allocate(args: argparse.Namespace) -> int:
             f"{human_count(allocation.params)} params ({allocation.compression:.1f}x)"
         )
     else:
+        from tdsearch.tensor import count_macs
+
+        dense_macs, macs = task.baseline_metrics["macs"], count_macs(compact, task.input_shape)
         size = (
             f"{human_count(dense_params)} -> {human_count(allocation.params)} params "
-            f"({allocation.compression:.1f}x, budget {human_count(budget['max_params'])})"
+            f"({allocation.compression:.1f}x, budget {human_count(budget['max_params'])}), "
+            f"{human_count(dense_macs)} -> {human_count(macs)} MACs ({dense_macs / macs:.1f}x)"
         )
     print(
         f"{size}; largest relative weight error {allocation.max_error:.3f}; validation "

@@ -87,7 +87,8 @@ def refit(
         if log is not None:
             log(
                 f"refit epoch {epoch}/{epochs}: val {task.score.name} "
-                f"{metrics[task.score.column]:.4f}, loss {loss:.4f}"
+                f"{metrics[task.score.column]:.4f} (val loss {metrics['val_loss']:.4f}, train "
+                f"loss {loss:.4f})"
             )
     if task.data.test is not None:
         history[-1][task.score.test_column], _ = evaluate(

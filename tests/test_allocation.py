@@ -180,14 +180,15 @@ def test_allocate_fine_tunes_when_asked_and_writes_the_fine_tuned_model(
     "flags, message",
     [
         (["--ratio", "0.5"], "--ratio must be a number above 1"),
-        (["--ratio", "10", "--lr", "-1"], "--lr must be a positive number"),
+        (["--ratio", "10", "--fine-tune-epochs", "1", "--lr", "-1"], "--lr must be a positive"),
+        (["--ratio", "10", "--lr", "0.01"], "give --fine-tune-epochs too"),
         (["--ratio", "nan"], "--ratio must be a number above 1"),
         (["--ratio", "10", "--format", "tt-matrix"], "knows svd, tucker2, tt"),
         (["--max-params", "10"], "below what the smallest ranks reach"),
         (["--ratio", "10", "--max-params", "5000"], "not allowed with argument"),
         ([], "one of the arguments --ratio --max-params --max-macs is required"),
         (["--max-macs", "1000"], "below what the smallest ranks reach"),
-        (["--ratio", "10", "-o", "ranks.txt"], "cannot tell the table format"),
+        (["--ratio", "10", "-o", "ranks.txt"], "must end in .yaml, .json, .csv or .md"),
     ],
 )
 def test_allocate_bad_input_is_one_line(weights, tmp_path, capsys, monkeypatch, flags, message):

@@ -165,8 +165,8 @@ def test_the_knee_is_refit_at_the_end_under_its_trials_run(searched):
     line = next(x for x in searched["log"] if x.startswith("knee trial"))
     assert f"knee trial {knee.trial:04d} refit for 1 epoch(s): val accuracy" in line
     tracker = search._tracker()
-    refit = tracker.latest_refit(knee.run_id)
-    assert refit is not None and refit.data.params["refit_epochs"] == "1"
+    (refit,) = tracker.refits(knee.run_id)
+    assert refit.data.params["refit_epochs"] == "1"
     assert len(search.trials) == 3  # not a trial
     after = float(line.split("-> ")[1].split(",")[0])
     assert refit.data.metrics["val_accuracy"] == pytest.approx(after, abs=5e-5)

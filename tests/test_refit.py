@@ -47,3 +47,22 @@ def test_a_refit_recovers_the_accuracy_a_hard_compression_lost(digits_task):
 def test_refit_epochs_below_one_are_refused(digits_task):
     with pytest.raises(UserError, match="refit epochs must be at least 1"):
         refit(digits_task.dense_model(), digits_task, epochs=0, train=TrainSettings(1, 1e-3))
+
+
+def test_export_writes_the_newest_refit_that_is_not_worse_than_the_trial():
+    from types import SimpleNamespace
+
+    from tdsearch.mlflow.export import choose_refit
+    from tdsearch.scoring import ACCURACY
+
+    def run(name, accuracy):
+        return SimpleNamespace(name=name, data=SimpleNamespace(metrics={"val_accuracy": accuracy}))
+
+    newest_worse, older_better, oldest = run("c", 0.90), run("b", 0.95), run("a", 0.97)
+    assert choose_refit([newest_worse, older_better, oldest], 0.93, ACCURACY) == (
+        older_better,
+        None,
+    )
+    assert choose_refit([newest_worse], 0.93, ACCURACY) == (None, newest_worse)
+    assert choose_refit([], 0.93, ACCURACY) == (None, None)
+    assert choose_refit([run("d", 0.93)], 0.93, ACCURACY)[0].name == "d"  # a tie is kept

@@ -27,14 +27,17 @@ if TYPE_CHECKING:
 
 @dataclass
 class Selected:
-    """The chosen trial of a search: its record, the score it was chosen by, and its newest
-    refit run (``tdsearch --refit-epochs`` / ``export --refit-epochs``), whose model is the one
-    written when there is one."""
+    """The chosen trial of a search: its record, the score it was chosen by, and the refit run
+    (``tdsearch --refit-epochs`` / ``export --refit-epochs``) whose model is written instead
+    of the trial's: the newest refit whose validation score is at least the trial's (a refit
+    that made the model worse is never written unasked); ``passed_over`` is the newest refit
+    when it was worse."""
 
     search: str
     record: TrialRecord
     score: Score = ACCURACY
     refit: object | None = None
+    passed_over: object | None = None
 
     @property
     def model_run_id(self) -> str:
@@ -42,15 +45,23 @@ class Selected:
         return self.refit.info.run_id if self.refit is not None else self.record.run_id
 
     def describe_refit(self) -> str:
-        """One line about the refit whose model is written, or an empty string."""
-        if self.refit is None:
-            return ""
-        metrics = self.refit.data.metrics
+        """One line about the refit whose model is written (or the worse one passed over), or
+        an empty string."""
+        if self.refit is not None:
+            return f"its model is the refit of run {self._refit_text(self.refit)}"
+        if self.passed_over is not None:
+            return (
+                f"its own model, not its newest refit (run {self._refit_text(self.passed_over)}, "
+                f"below the trial's {self.record.value(self.score.column):.4f})"
+            )
+        return ""
+
+    def _refit_text(self, run) -> str:
+        metrics = run.data.metrics
         value = metrics.get(self.score.column, float("nan"))
         test = metrics.get(self.score.test_column)
         return (
-            f"its model is the refit of run {self.refit.info.run_id} "
-            f"({self.refit.data.params.get('refit_epochs', '?')} more epochs): val "
+            f"{run.info.run_id}, {run.data.params.get('refit_epochs', '?')} more epoch(s): val "
             f"{self.score.name} {value:.4f}" + (f", test {test:.4f}" if test is not None else "")
         )
 
@@ -110,12 +121,24 @@ def export_trial(
     record = TrialRecord.from_row(row)
     if not len(record.table):
         raise UserError(f"trial {record.trial} has no rank table recorded")
-    return Selected(
-        parent.data.tags.get(TAG_SEARCH, parent.info.run_name),
-        record,
-        score,
-        tracker.latest_refit(record.run_id),
+    chosen, passed_over = choose_refit(
+        tracker.refits(record.run_id), record.value(score.column), score
     )
+    name = parent.data.tags.get(TAG_SEARCH, parent.info.run_name)
+    return Selected(name, record, score, chosen, passed_over)
+
+
+def choose_refit(refits: list, own: float, score: Score) -> tuple[object | None, object | None]:
+    """(the newest refit run scoring at least ``own``, the trial's validation score, or None;
+    the newest refit when none does, or None). ``refits`` are MLflow runs, newest first."""
+    better = [
+        r
+        for r in refits
+        if score.signed(r.data.metrics.get(score.column, float("nan"))) >= score.signed(own)
+    ]
+    if better:
+        return better[0], None
+    return None, (refits[0] if refits else None)
 
 
 def download_checkpoint(tracker: Tracker, run_id: str, trial: int, directory: Path) -> Path:
@@ -214,7 +237,7 @@ def refit_trial(
         local = download_checkpoint(tracker, record.run_id, record.trial, Path(tmp))
         model = load_compressed(local, model=architecture).train()
     if log is not None:
-        log(f"refitting trial {record.trial} for {epochs} epoch(s)")
+        log(f"refitting trial {record.trial:04d} for {epochs} epoch(s)")
     result = refit(model, task, epochs=epochs, train=train, seed=seed, log=log)
     run_id = tracker.start_refit(record.run_id, record.trial, epochs)
     for metrics in result.history:

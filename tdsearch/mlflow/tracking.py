@@ -301,20 +301,20 @@ class Tracker:
         )
         return run.info.run_id
 
-    def latest_refit(self, trial_run_id: str):
-        """The newest finished refit run of a trial (:meth:`start_refit`), or None."""
-        runs = self._call(
-            lambda: self.client.search_runs(
-                [self.experiment_id],
-                filter_string=(
-                    f"tags.`{PARENT_TAG}` = '{trial_run_id}' and tags.`{TAG_ROLE}` = 'refit' "
-                    "and attributes.status = 'FINISHED'"
-                ),
-                order_by=["attributes.start_time DESC"],
-                max_results=1,
+    def refits(self, trial_run_id: str) -> list:
+        """The finished refit runs of a trial (:meth:`start_refit`), newest first."""
+        return list(
+            self._call(
+                lambda: self.client.search_runs(
+                    [self.experiment_id],
+                    filter_string=(
+                        f"tags.`{PARENT_TAG}` = '{trial_run_id}' and "
+                        f"tags.`{TAG_ROLE}` = 'refit' and attributes.status = 'FINISHED'"
+                    ),
+                    order_by=["attributes.start_time DESC"],
+                )
             )
         )
-        return runs[0] if runs else None
 
     def trial_runs(self, parent_id: str, trial_id: str) -> list:
         """The child runs of one trial (several when a retried attempt was closed)."""

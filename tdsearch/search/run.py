@@ -306,12 +306,18 @@ def _refit_knee(
     score = task.score
     test = result.metrics.get(score.test_column)
     refit_seconds = time.monotonic() - start
+    worse = score.signed(result.metrics[score.column]) < score.signed(record.value(score.column))
     log(
         f"knee trial {knee:04d} refit for {config.refit_epochs} epoch(s): val {score.name} "
         f"{record.value(score.column):.4f} -> {result.metrics[score.column]:.4f}"
         + (f", test {test:.4f}" if test is not None else "")
         + f" in {refit_seconds / 60:.1f} min (search + refit {(elapsed + refit_seconds) / 60:.1f}"
-        f" min); tdsearch export --name {name} --select knee --checkpoint model.pt writes it"
+        " min); "
+        + (
+            "below the trial's own model, which export keeps writing"
+            if worse
+            else f"tdsearch export --name {name} --select knee --checkpoint model.pt writes it"
+        )
     )
 
 

@@ -217,9 +217,13 @@ class SearchSpace:
             shape = "x".join(map(str, slot.info.weight_shape))
             dims = ", ".join(slot.dims) if slot.dims else "(chosen during training)"
             fmt = "|".join(slot.formats)
+            limits = "x".join(map(str, slot.upper))
             if slot.format_dim is not None:
                 dims = f"{slot.format_dim}, {dims}"
-            rows.append([slot.info.name, shape, fmt, "x".join(map(str, slot.upper)), dims])
+                limits = ", ".join(
+                    f"{t.format} {'x'.join(map(str, u))}" for t, u in slot.alternatives
+                )
+            rows.append([slot.info.name, shape, fmt, limits, dims])
         lines.append(format_table(rows, ["layer", "weight", "format", "max ranks", "dimensions"]))
         if self.dimensions:
             lines.append("")

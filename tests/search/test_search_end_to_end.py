@@ -178,6 +178,7 @@ def test_export_refits_the_chosen_trial_and_logs_it_under_the_trials_run(
     result = run("export", "--refit-epochs", "2", "--checkpoint", "refit.pt", cwd=root)
     assert result.returncode == 0, result.stderr
     line = next(x for x in result.stderr.splitlines() if x.startswith("refit: val accuracy"))
+    before = float(line.split("accuracy ")[1].split(" ->")[0])
     after = float(line.split("-> ")[1].split(",")[0])
     assert "refit epoch 2/2" in result.stderr
     task = load_task(search["config"].task_spec(), cache_dir=root / "cache", log=lambda _: None)
@@ -198,17 +199,25 @@ def test_export_refits_the_chosen_trial_and_logs_it_under_the_trials_run(
     assert [m.step for m in history] == [1, 2]
     assert search_trials(root) == BUDGET  # the refit is not a trial of the search
 
-    # a later export of that trial writes the refit model, and says so (in this process)
+    # a later export of that trial writes the refit model when it is not worse, else the
+    # trial's own, and says which (in this process)
     from tdsearch.cli import main
 
     monkeypatch.chdir(root)
     capsys.readouterr()
     assert main(["export", "--checkpoint", "again.pt"]) == 0
-    assert "its model is the refit of run" in capsys.readouterr().err
+    err = capsys.readouterr().err
     model = tdsearch.load_compressed(root / "again.pt")
     accuracy, _ = evaluate(model, task.data, task.data.val, device=torch.device("cpu"))
-    assert accuracy == pytest.approx(after, abs=5e-5)
+    if after >= before:
+        assert "its model is the refit of run" in err
+        assert accuracy == pytest.approx(after, abs=5e-5)
+    else:
+        assert "its own model, not its newest refit" in err and "warning:" in result.stderr
+        assert accuracy == pytest.approx(before, abs=5e-5)
 
+    assert main(["export", "--refit-lr", "0.01"]) == 2
+    assert "give --refit-epochs too" in capsys.readouterr().err
     assert main(["export", "--refit-epochs", "1", "--refit-lr", "-1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--refit-lr must be positive" in err
