@@ -109,11 +109,17 @@ def _wait_text(driver, text: str, timeout: float = 60) -> None:
 
 
 def test_the_parent_run_and_its_trials_are_listed(ui, browser, tmp_path):
+    from mlflow import MlflowClient
     from selenium.webdriver.common.by import By
 
+    client = MlflowClient(f"sqlite:///{ui['root']}/mlflow.db")
+    experiment = client.get_experiment_by_name("tdsearch")
+    # the parent, its four trials and any refit run an export test nested under a trial
+    runs = len(client.search_runs([experiment.experiment_id]))
+    assert runs >= 5
     browser.get(ui["url"])
     _wait_text(browser, "demo")
-    _wait_text(browser, "5 matching runs")  # the parent and its four trials
+    _wait_text(browser, f"{runs} matching runs")
     expanders = browser.find_elements(
         By.CSS_SELECTOR, "button[aria-label*='xpand'], [role='row'] button"
     )
