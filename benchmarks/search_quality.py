@@ -39,21 +39,27 @@ import pandas as pd
 from tdsearch.analysis import best_compression_within, front_frame, hypervolume, usable_trials
 from tdsearch.mlflow.tracking import Tracker
 
+#: the space of every search before ranks reached 1 (each rank fraction from 0.05): the arms
+#: measured on it keep it, so that their stored searches stay comparable and resumable
+FLOOR = ["--min-rank-fraction", "0.05"]
+
 #: method -> (short name, flags)
 ARMS = {
-    "tdsearch TPE": ("tpe", ["--sampler", "tpe"]),
+    "tdsearch TPE, rank floor 0.05": ("tpe", ["--sampler", "tpe", *FLOOR]),
+    "tdsearch TPE": ("tpe-r1", ["--sampler", "tpe"]),
+    "tdsearch GP (log EHVI), rank floor 0.05": ("gp", ["--sampler", "gp", *FLOOR]),
+    "tdsearch GP (log EHVI)": ("gp-r1", ["--sampler", "gp"]),
     "tdsearch TPE + 5 uniform starts": (
         "tpe-starts",
-        ["--sampler", "tpe", "--initial-trials", "5", "--initial-ranks", "uniform"],
+        ["--sampler", "tpe", "--initial-trials", "5", "--initial-ranks", "uniform", *FLOOR],
     ),
     "tdsearch TPE + 5 allocated starts": (
         "tpe-alloc",
-        ["--sampler", "tpe", "--initial-trials", "5", "--initial-ranks", "allocated"],
+        ["--sampler", "tpe", "--initial-trials", "5", "--initial-ranks", "allocated", *FLOOR],
     ),
-    "tdsearch NSGA-II": ("nsga2", ["--sampler", "nsga2"]),
-    "tdsearch GP (log EHVI)": ("gp", ["--sampler", "gp"]),
-    "tdsearch TPE, --format auto": ("auto", ["--sampler", "tpe", "--format", "auto"]),
-    "random search": ("random", ["--sampler", "random"]),
+    "tdsearch NSGA-II": ("nsga2", ["--sampler", "nsga2", *FLOOR]),
+    "tdsearch TPE, --format auto": ("auto", ["--sampler", "tpe", "--format", "auto", *FLOOR]),
+    "random search": ("random", ["--sampler", "random", *FLOOR]),
 }
 
 
@@ -282,6 +288,7 @@ def main() -> None:
                         str(size),
                         "--initial-ranks",
                         "uniform",
+                        *FLOOR,
                     ],
                     common,
                 )
@@ -292,7 +299,7 @@ def main() -> None:
                 f"allocated{allocated}-seed{rep}",
                 allocated,
                 rep,
-                ["--sampler", "random", "--initial-trials", str(allocated)],
+                ["--sampler", "random", "--initial-trials", str(allocated), *FLOOR],
                 common,
             )
         baseline = same_baseline(

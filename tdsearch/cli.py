@@ -170,7 +170,11 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
         help="bounds of a layer's ranks (repeat)",
     )
     g.add_argument("--rank-mode", help="fraction (default) or int")
-    g.add_argument("--min-rank-fraction", type=float, help="lowest rank fraction (0.05)")
+    g.add_argument(
+        "--min-rank-fraction",
+        type=float,
+        help="lowest rank fraction (default: the one that gives rank 1 to every layer)",
+    )
     g.add_argument("--tie", help="none (default), block or stage: layers share ranks")
     g.add_argument("--tt-matrix-cores", type=_positive_int, help="cores of TT-matrix layers (3)")
     g = p.add_argument_group("each trial")

@@ -141,7 +141,7 @@ class SpaceSettings:
     layers: list[str] = field(default_factory=list)
     exclude_layers: list[str] = field(default_factory=list)
     rank_mode: str = "fraction"
-    min_rank_fraction: float = 0.05
+    min_rank_fraction: float | None = None
     rank_bounds: dict[str, list[int]] = field(default_factory=dict)
     tie: str = "none"
     tt_matrix_cores: int = 3

@@ -9,6 +9,7 @@ import itertools
 
 import pytest
 import torch
+from torch import nn
 
 from tdsearch.allocation import allocate, error_curve
 from tdsearch.cli import main
@@ -197,3 +198,47 @@ def test_allocate_bad_input_is_one_line(weights, tmp_path, capsys, monkeypatch, 
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lenet5-digits.pt"]
+
+
+class _Tiny(nn.Module):
+    """Three small layers whose every SVD rank combination can be enumerated (4 x 9 x 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.fc1 = nn.Linear(96, 10)
+        self.fc2 = nn.Linear(10, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1))))
+
+
+def test_the_allocation_is_the_one_a_brute_force_search_finds():
+    """Over every SVD rank combination of a tiny model (errors and params measured on the model
+    ``compress`` builds), no table within the budget has a smaller largest relative error than
+    the allocation's: the min-max objective is met exactly, not within a tolerance of ranks."""
+    from tdsearch.tensor import LayerRanks, decomposable_layers
+
+    torch.manual_seed(0)
+    model = _Tiny()
+    layers = decomposable_layers(model, (3, 6, 6))
+    dense = count_params(model)
+
+    def useful(info) -> range:  # ranks whose factors hold fewer weights than the layer
+        out, rest = info.weight_shape[0], info.weight_count // info.weight_shape[0]
+        return range(1, (info.weight_count - 1) // (out + rest) + 1)
+
+    combos = []
+    for ranks in itertools.product(*(useful(i) for i in layers)):
+        table = RankTable(
+            (i.name, LayerRanks("svd", (r,))) for i, r in zip(layers, ranks, strict=True)
+        )
+        params = count_params(compress(model, table, init=False))
+        combos.append((params, max(_errors(model, table).values())))
+    assert len(combos) == 4 * 9 * 4
+    budgets = sorted({p for p, _ in combos})
+    for budget in budgets[:: max(1, len(budgets) // 12)]:
+        best = min(error for params, error in combos if params <= budget)
+        allocation = allocate(model, layers, max_params=budget, formats={"conv": "svd"})
+        assert allocation.params <= budget < dense
+        assert max(_errors(model, allocation.table).values()) == pytest.approx(best, rel=1e-6)

@@ -135,3 +135,49 @@ def test_layers_all_takes_the_first_conv_and_the_last_linear_too(lenet):
     assert [i.name for i in select_layers(layers)] == ["conv2", "fc1"]
     assert [i.name for i in select_layers(layers, ["all"])] == [i.name for i in layers]
     assert [i.name for i in select_layers(layers, ["all"], ["fc2"])] == ["conv1", "conv2", "fc1"]
+
+
+def _lowest(space, formats=None) -> dict:
+    config = {d.name: d.low for d in space.dimensions if d.kind == "float"}
+    return {**config, **(formats or {})}
+
+
+@pytest.mark.parametrize(
+    "model_name, shape, tie, conv",
+    [
+        ("lenet5", (1, 28, 28), "none", "tt"),
+        ("lenet5", (1, 28, 28), "none", "tucker2"),
+        ("resnet20", (3, 32, 32), "stage", "tt"),  # dimensions shared by layers of unequal ranks
+        ("resnet20", (3, 32, 32), "block", "svd"),
+    ],
+)
+def test_the_smallest_ranks_reach_1(model_name, shape, tie, conv):
+    """By default each rank fraction starts where every layer that reads it gets rank 1 (the
+    floor of 0.05 of the largest useful rank kept LeNet-5's fc1 at rank 16 or more)."""
+    model = build_model(model_name, shape, 10)
+    layers = decomposable_layers(model, shape)
+    space = build_space(layers, method="decompose", conv_format=conv, tie=tie)
+    table = space.rank_table(_lowest(space))
+    assert len(table) == len(space.slots)
+    assert {name: set(spec.ranks) for name, spec in table.items()} == {
+        name: {1} for name in table
+    }
+    x = torch.randn(2, *shape)
+    assert compress(model, table)(x).shape == (2, 10)
+
+
+def test_every_auto_format_reaches_rank_1(lenet):
+    _, layers = lenet
+    space = build_space(layers, method="decompose", conv_format="auto")
+    for conv in ("tt", "tucker2", "svd", "tt-matrix"):
+        for linear in ("svd", "tt-matrix"):
+            formats = {"format.conv2": conv, "format.fc1": linear}
+            table = space.rank_table(_lowest(space, formats))
+            assert [set(spec.ranks) for spec in table.values()] == [{1}, {1}], (conv, linear)
+
+
+def test_a_given_min_rank_fraction_is_the_floor_of_every_rank(lenet):
+    _, layers = lenet
+    space = build_space(layers, method="decompose", min_fraction=0.05)
+    assert {d.low for d in space.dimensions} == {0.05}
+    assert space.rank_table(_lowest(space))["fc1"].ranks == (16,)  # ceil(0.05 * 307)

@@ -118,7 +118,10 @@ def build_search_space(
                 f"{config.space.method_name} does not factorize {kind} layers yet "
                 f"({', '.join(names[:5])}); leave them out with --exclude-layers"
             )
-    if config.format == AUTO and config.space.method_name != "decompose":
+    from tdsearch.trainers.decompose import Decompose
+
+    # a trainer derived from decompose (e.g. one that adds logging) trains the same way
+    if config.format == AUTO and not isinstance(trainer, Decompose):
         raise UserError(
             f"--format auto is for --method decompose; {config.space.method_name} takes a "
             "fixed format"

@@ -71,7 +71,7 @@ def check_space_settings(
     linear_format: str | None,
     rank_mode: str,
     tie: str,
-    min_fraction: float,
+    min_fraction: float | None,
     tt_matrix_cores: int,
 ) -> None:
     """The one check of a space's settings (``SpaceSettings`` calls it when it is built).
@@ -93,7 +93,7 @@ def check_space_settings(
         raise UserError(f"unknown rank_mode {rank_mode!r}; choose one of {', '.join(RANK_MODES)}")
     if tie not in TIE_MODES:
         raise UserError(f"unknown tie {tie!r}; choose one of {', '.join(TIE_MODES)}")
-    if not 0 < min_fraction <= 1:
+    if min_fraction is not None and not 0 < min_fraction <= 1:
         raise UserError(f"min_rank_fraction must be in (0, 1], got {min_fraction}")
     if tt_matrix_cores < 1:
         raise UserError(f"tt_matrix_cores must be at least 1, got {tt_matrix_cores}")
@@ -111,7 +111,7 @@ def build_space(
     exclude: Sequence[str] = (),
     rank_mode: str = "fraction",
     tie: str = "none",
-    min_fraction: float = 0.05,
+    min_fraction: float | None = None,
     tt_matrix_cores: int = 3,
     rank_bounds: Mapping[str, tuple[int, int]] | None = None,
 ) -> SearchSpace:
@@ -129,7 +129,9 @@ def build_space(
         include, exclude: layer names or globs (default: all but first conv and last linear).
         rank_mode: ``fraction`` or ``int``.
         tie: ``none``, ``block`` or ``stage``: layers of a residual block / stage share ranks.
-        min_fraction: lower end of the fraction dimensions.
+        min_fraction: lower end of the fraction dimensions; ``None`` (the default): each
+            dimension starts at the fraction that gives rank 1 to every layer reading it
+            (1 / the largest of their useful ranks), so the smallest ranks reach 1.
         tt_matrix_cores: cores of the default TT-matrix factorisation.
         rank_bounds: layer name or glob -> (low, high) rank bounds; checked against what
             each layer can hold, so an impossible rank fails here, before any trial.
@@ -172,9 +174,17 @@ def build_space(
         if not options:  # auto, and no format compresses the layer: it stays dense
             continue
         template, upper = options[0]
-        longest = max((u for _, u in options), key=len)  # auto: every format's positions
+        # per rank position, the largest upper bound of any format that reads it (auto: a
+        # format with fewer ranks reads the first positions)
+        longest = [
+            max(u[k] for _, u in options if len(u) > k)
+            for k in range(max(len(u) for _, u in options))
+        ]
         for name, u in zip(names, longest, strict=False):
             dim = rank_dimension(name, u, rank_mode, min_fraction)
+            if rank_mode == "fraction" and min_fraction is None and name in dims:
+                # a dimension tied over several layers reaches rank 1 in the largest of them
+                dim = Dimension(name, "float", min(dims[name].low, dim.low), 1.0, help=dim.help)
             if rank_mode == "int":
                 previous = dims.get(name)
                 high = max(u, int(previous.high) if previous else 0)

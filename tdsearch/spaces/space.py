@@ -72,7 +72,7 @@ class Dimension:
 
 
 def _short(value: float | None) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 @dataclass(frozen=True)
@@ -239,11 +239,13 @@ class SearchSpace:
         return "\n".join(lines)
 
 
-def rank_dimension(name: str, upper: int, mode: str, min_fraction: float) -> Dimension:
+def rank_dimension(name: str, upper: int, mode: str, min_fraction: float | None) -> Dimension:
+    """A rank dimension: a fraction of the layer's largest useful rank ``upper`` from
+    ``min_fraction`` (``None``: from 1 / ``upper``, which gives rank 1) to 1, or an integer rank
+    from 1 to ``upper`` (log-scaled)."""
     if mode == "fraction":
-        return Dimension(
-            name, "float", min_fraction, 1.0, help="fraction of the largest useful rank"
-        )
+        low = min_fraction if min_fraction is not None else 1.0 / max(1, upper)
+        return Dimension(name, "float", low, 1.0, help="fraction of the largest useful rank")
     return Dimension(name, "int", 1, max(1, upper), log=True, help="rank")
 
 

@@ -158,7 +158,9 @@ def start_slow_search(workdir: Path, args: list[str]) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(workdir):
-    args = ["--budget", "4", "--method", "faulty:Slow", "--name", "ctrlc"]
+    """Also the round trip of a space with a format dimension per layer (``--format auto``):
+    the resumed sampler goes on in the same space, and every trial records its formats."""
+    args = ["--budget", "4", "--method", "faulty:Slow", "--format", "auto", "--name", "ctrlc"]
     driver = start_slow_search(workdir, args)
     os.killpg(driver.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
     out, _ = driver.communicate(timeout=300)
@@ -175,6 +177,8 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(workdir):
     ids = [c.data.tags["tdsearch.trial_id"] for c in finished(children)]
     assert len(ids) == len(set(ids)) == 4
     assert not [c for c in children if c.info.status == "RUNNING"]
+    for child in finished(children):  # the format dimensions survived the resume
+        assert {"format.conv2", "format.fc1"} <= set(child.data.params)
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
