@@ -159,9 +159,7 @@ def test_the_smallest_ranks_reach_1(model_name, shape, tie, conv):
     space = build_space(layers, method="decompose", conv_format=conv, tie=tie)
     table = space.rank_table(_lowest(space))
     assert len(table) == len(space.slots)
-    assert {name: set(spec.ranks) for name, spec in table.items()} == {
-        name: {1} for name in table
-    }
+    assert {name: set(spec.ranks) for name, spec in table.items()} == {name: {1} for name in table}
     x = torch.randn(2, *shape)
     assert compress(model, table)(x).shape == (2, 10)
 

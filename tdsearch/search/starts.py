@@ -24,7 +24,6 @@ from tdsearch.spaces import LayerSlot, SearchSpace
 from tdsearch.tensor import count_params
 from tdsearch.tensor.compress import factorized_weight_params
 
-
 #: where uniform starts begin when the space reaches rank 1: a uniform start below 5% of each
 #: layer's largest useful rank has lost most of its accuracy (LeNet-5 / Fashion-MNIST: 77%
 #: after one epoch at 0.05, against 88% dense) and tells the sampler little that the next
