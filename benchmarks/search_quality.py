@@ -135,7 +135,7 @@ def measure(frame: pd.DataFrame, baseline: dict, budget: int) -> dict[str, float
     }
 
 
-def evbmf_arm(out: Path, seed: int, epochs: int, max_train_samples: int) -> pd.DataFrame:
+def evbmf_arm(out: Path, seed: int, args: argparse.Namespace) -> pd.DataFrame:
     """The EVBMF recipe on the benchmark's own baseline: EVBMF ranks (``benchmarks/evbmf.py``),
     decompose, fine-tune for the trials' epochs with their optimiser; one row like a trial's.
     Stored in ``out`` so that a rerun reuses it."""
@@ -150,19 +150,22 @@ def evbmf_arm(out: Path, seed: int, epochs: int, max_train_samples: int) -> pd.D
     from tdsearch.task import load_task
     from tdsearch.tensor import compress
 
-    stored = out / f"evbmf-seed{seed}-{epochs}.json"
+    epochs = args.epochs
+    suffix = "" if args.model == "lenet5" else f"-{args.model}"
+    stored = out / f"evbmf-seed{seed}-{epochs}{suffix}.json"
     if stored.is_file():
         return pd.DataFrame([json.loads(stored.read_text())])
-    config = SearchConfig.from_sources(
-        None,
-        {
-            "dataset": "fashion-mnist",
-            "max_train_samples": max_train_samples,
-            "cache_dir": str(out / "cache"),
-            "seed": seed,
-            "epochs": epochs,
-        },
-    )
+    settings = {
+        "model": args.model,
+        "dataset": "fashion-mnist",
+        "max_train_samples": args.max_train_samples,
+        "cache_dir": str(out / "cache"),
+        "seed": seed,
+        "epochs": epochs,
+    }
+    if args.baseline_epochs:
+        settings["baseline_epochs"] = args.baseline_epochs
+    config = SearchConfig.from_sources(None, settings)
     task = load_task(config.task_spec(), cache_dir=out / "cache", log=lambda _: None)
     torch.manual_seed(seed)
     model = task.dense_model()
@@ -240,6 +243,9 @@ def main() -> None:
         "--evbmf", action="store_true", help="also the EVBMF recipe (one model per seed)"
     )
     parser.add_argument("--max-train-samples", type=int, default=8000)
+    parser.add_argument("--model", default="lenet5", help="lenet5, or resnet20 (1 input channel)")
+    parser.add_argument("--tie", default="none", help="--tie of every search (resnet20: block)")
+    parser.add_argument("--baseline-epochs", type=int, help="the baseline's epochs (the default)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/tdsearch-bench/search_quality"))
     parser.add_argument("--plot", type=Path, default=Path("docs/images/search_quality.png"))
     args = parser.parse_args()
@@ -250,6 +256,11 @@ def main() -> None:
     arms = {arm: value for arm, value in ARMS.items() if value[0] in chosen}
     args.out.mkdir(parents=True, exist_ok=True)
     common = [
+        "--model",
+        args.model,
+        "--tie",
+        args.tie,
+        *(["--baseline-epochs", str(args.baseline_epochs)] if args.baseline_epochs else []),
         "--dataset",
         "fashion-mnist",
         "--epochs",
@@ -332,7 +343,7 @@ def main() -> None:
                 row["trials to reach sweep-20 HV"] = reach(frame, target, baseline)
             rows.append(row)
         if args.evbmf:
-            frame = evbmf_arm(args.out, rep, args.epochs, args.max_train_samples)
+            frame = evbmf_arm(args.out, rep, args)
             if abs(frame["baseline_val_accuracy"].iloc[0] - baseline["val_accuracy"]) > 1e-9:
                 raise SystemExit("the EVBMF arm loaded another baseline than the searches")
             fronts["EVBMF ranks + fine-tuning"] = frame
@@ -345,7 +356,8 @@ def main() -> None:
     table.to_csv(args.out / "search_quality.csv", index=False)
     metrics = [c for c in table.columns if c not in ("method", "rep")]
     print(
-        f"\nLeNet-5 / Fashion-MNIST, decompose, {args.epochs} epoch(s) per trial on "
+        f"\n{args.model} / Fashion-MNIST (tie {args.tie}), decompose, {args.epochs} epoch(s) "
+        "per trial on "
         f"{args.max_train_samples} training images, {args.reps} seeds, mean ± std\n"
     )
     print("| method | " + " | ".join(metrics) + " |")
