@@ -202,10 +202,12 @@ class Choice:
         metrics: its final metrics: ``val_<score>``, ``test_<score>``, ``params``, ``macs``,
             ``compression_ratio``, ``macs_reduction`` ...
         run_id: its MLflow run.
+        dense_layers: layers a ``format="auto"`` search left dense (not in ``table``).
     """
 
     record: TrialRecord
     _search: Search = field(repr=False)
+    dense_layers: tuple[str, ...] = ()
 
     @property
     def trial(self) -> int:
@@ -458,14 +460,17 @@ class Search:
         max_score: float | None = None,
         max_params: float | None = None,
         max_macs: float | None = None,
+        trial: int | None = None,
     ) -> Choice:
         """One trial: ``"knee"`` (of the score-vs-params front), ``"best-score"``,
         ``"min-params"`` or ``"min-macs"``, among the trials that meet the limits (score in
         its own units, e.g. accuracy in [0, 1]); with limits only, the best score under a
-        params / MACs limit or the smallest model that meets a score limit.
+        params / MACs limit or the smallest model that meets a score limit; ``trial``: the
+        trial of that number.
 
         Raises:
-            UserError: an unknown rule, or no finished trial meets the limits.
+            UserError: an unknown rule, no finished trial meets the limits, or the search has
+                no finished trial of that number.
         """
         from tdsearch.mlflow.export import export_trial
 
@@ -477,8 +482,9 @@ class Search:
             max_score=max_score,
             max_params=max_params,
             max_macs=max_macs,
+            trial=trial,
         )  # the same choice `tdsearch export` makes
-        return Choice(selected.record, self)
+        return Choice(selected.record, self, selected.dense_layers)
 
     # --- internals ----------------------------------------------------------------------------
 

@@ -272,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--select", help="knee (default without constraints), best-score, min-params or min-macs"
     )
     p.add_argument(
+        "--trial", type=int, help="the trial of this number instead (as the search printed it)"
+    )
+    p.add_argument(
         "--min-score",
         "--min-accuracy",
         dest="min_score",
@@ -510,6 +513,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         max_score=args.max_score,
         max_params=args.max_params,
         max_macs=args.max_macs,
+        trial=args.trial,
     )
     search = _stored_search(args, selected.search) if args.refit_epochs else None
     if args.output:

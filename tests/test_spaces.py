@@ -126,6 +126,12 @@ def test_a_search_with_auto_formats_runs_and_records_each_trials_formats(tmp_pat
     }
     for record in records:  # every trial's layers in a format that applies, or left dense
         assert all(spec.format in ("svd", "tt-matrix") for spec in record.table.values())
+    for number in (1, 2):  # a layer left dense is named by the selection, and not in its table
+        choice = search.select(trial=number)
+        params = search._tracker().client.get_run(choice.run_id).data.params
+        dense = {k.removeprefix("format.") for k, v in params.items() if v == "dense"}
+        assert choice.trial == number and not dense & set(choice.table)
+        assert set(choice.dense_layers) == dense
 
 
 def test_layers_all_takes_the_first_conv_and_the_last_linear_too(lenet):

@@ -22,6 +22,7 @@ def select_trial(
     max_score: float | None = None,
     max_params: float | None = None,
     max_macs: float | None = None,
+    trial: int | None = None,
     score: Score = ACCURACY,
 ) -> pd.Series:
     """The trial to export.
@@ -30,11 +31,19 @@ def select_trial(
     on; ``min_score`` / ``max_score`` in the score's units, e.g. accuracy in [0, 1]), params and
     MACs. Among the rest: ``select`` if given; otherwise the best-scoring trial under a params /
     MACs limit, the smallest trial that meets only a score limit, and the knee of the
-    score-vs-params front when there is no constraint.
+    score-vs-params front when there is no constraint. ``trial`` picks one trial by its number
+    (the one the progress lines, the front and MLflow show) instead.
 
     Raises:
-        UserError: an unknown selection, no finished trial, or none that meets the constraints.
+        UserError: an unknown selection, no finished trial, or none that meets the constraints;
+            a trial number the search does not have or whose trial did not finish, or given
+            with a selection or a constraint.
     """
+    if trial is not None:
+        limits = (select, min_score, max_score, max_params, max_macs)
+        if any(x is not None for x in limits):
+            raise UserError("a trial number picks the trial itself; it takes no selection or limit")
+        return _numbered(frame, trial, score)
     select = SELECTION_ALIASES.get(select, select) if select is not None else None
     if select is not None and select not in SELECTIONS:
         raise UserError(f"unknown selection {select!r}; choose one of {', '.join(SELECTIONS)}")
@@ -73,6 +82,19 @@ def select_trial(
         cost = select.removeprefix("min-")
         return candidates.sort_values([cost, column], ascending=[True, worse_last]).iloc[0]
     return knee_row(candidates, score)
+
+
+def _numbered(frame: pd.DataFrame, trial: int, score: Score) -> pd.Series:
+    numbers = frame["trial"].dropna().astype(int) if "trial" in frame else pd.Series([], int)
+    if trial not in set(numbers):
+        span = f"trials {numbers.min()} to {numbers.max()}" if len(numbers) else "no trials"
+        raise UserError(f"the search has no trial {trial} ({span})")
+    usable = usable_trials(frame, score)
+    row = usable[usable["trial"].astype(int) == trial]
+    if row.empty:
+        status = frame[numbers == trial]["status"].iloc[0]
+        raise UserError(f"trial {trial} did not finish ({status}); it has no model to select")
+    return row.iloc[0]
 
 
 def _check_limits(score: Score, min_score: float | None, max_score: float | None) -> None:

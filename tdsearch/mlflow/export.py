@@ -38,6 +38,8 @@ class Selected:
     score: Score = ACCURACY
     refit: object | None = None
     passed_over: object | None = None
+    #: layers a ``--format auto`` search chose to leave dense (they are not in the table)
+    dense_layers: tuple[str, ...] = ()
 
     @property
     def model_run_id(self) -> str:
@@ -73,12 +75,13 @@ class Selected:
         r = self.record
         test = r.value(self.score.test_column)
         test_text = f", test {test:.4f}" if test == test else ""
+        dense = f"; left dense by the search: {', '.join(self.dense_layers)}"
         return (
             f"search {self.search}, trial {r.trial:04d}: val {self.score.name} "
             f"{r.value(self.score.column):.4f}"
             f"{test_text}, {human_count(r.value('params'))} params "
             f"({r.value('compression_ratio'):.1f}x), {human_count(r.value('macs'))} MACs "
-            f"({r.value('macs_reduction'):.1f}x)"
+            f"({r.value('macs_reduction'):.1f}x)" + (dense if self.dense_layers else "")
         )
 
 
@@ -103,6 +106,7 @@ def export_trial(
     max_score: float | None = None,
     max_params: float | None = None,
     max_macs: float | None = None,
+    trial: int | None = None,
 ) -> Selected:
     """The trial of search ``name`` (the newest when None) that :func:`select_trial` picks,
     ranked by the score the search recorded (accuracy for searches before scores)."""
@@ -116,6 +120,7 @@ def export_trial(
         max_score=max_score,
         max_params=max_params,
         max_macs=max_macs,
+        trial=trial,
         score=score,
     )
     record = TrialRecord.from_row(row)
@@ -125,7 +130,13 @@ def export_trial(
         tracker.refits(record.run_id), record.value(score.column), score
     )
     name = parent.data.tags.get(TAG_SEARCH, parent.info.run_name)
-    return Selected(name, record, score, chosen, passed_over)
+    params = tracker.search_run(record.run_id, name).data.params
+    dense = tuple(k.removeprefix("format.") for k, v in params.items() if _left_dense(k, v))
+    return Selected(name, record, score, chosen, passed_over, dense)
+
+
+def _left_dense(param: str, value: str) -> bool:
+    return param.startswith("format.") and value == "dense"
 
 
 def choose_refit(refits: list, own: float, score: Score) -> tuple[object | None, object | None]:

@@ -251,3 +251,25 @@ def test_export_constraints_no_trial_meets_are_a_one_line_error(search):
     assert result.stderr.strip().startswith("tdsearch: error: no finished trial meets")
     assert len(result.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in root.iterdir()) == before  # nothing written
+
+
+def test_export_trial_picks_a_trial_by_its_number(search):
+    """``--trial N``: the trial the progress lines and the front name, whatever its rank."""
+    root = search["root"]
+    for child in search["children"]:
+        number = int(child.data.tags["tdsearch.trial_number"])
+        result = run("export", "--trial", str(number), "--format", "json", cwd=root)
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.startswith(f"search demo, trial {number:04d}:")
+        assert RankTable.from_json(result.stdout) == RankTable.from_json(
+            child.data.tags["tdsearch.rank_table"]
+        )
+    for args, message in [
+        (["--trial", "99"], f"the search has no trial 99 (trials 1 to {BUDGET})"),
+        (["--trial", "1", "--select", "knee"], "a trial number picks the trial itself"),
+        (["--trial", "1", "--max-params", "1000"], "a trial number picks the trial itself"),
+    ]:
+        result = run("export", *args, cwd=root)
+        assert result.returncode == 2
+        assert result.stderr.startswith(f"tdsearch: error: {message}"), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
