@@ -185,7 +185,7 @@ def evbmf_arm(out: Path, seed: int, args: argparse.Namespace) -> pd.DataFrame:
     return pd.DataFrame([row])
 
 
-def plot(fronts: dict[str, pd.DataFrame], baseline: dict, path: Path) -> None:
+def plot(fronts: dict[str, pd.DataFrame], baseline: dict, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -211,7 +211,7 @@ def plot(fronts: dict[str, pd.DataFrame], baseline: dict, path: Path) -> None:
         ax.set_ylim(baseline["val_accuracy"] - 0.10, baseline["val_accuracy"] + 0.01)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle("Pareto fronts after 50 trials (uniform sweeps: 20 and 50 points), seed 0")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -351,7 +351,9 @@ def main() -> None:
                 {"method": "EVBMF ranks + fine-tuning", "rep": rep, **measure(frame, baseline, 1)}
             )
         if rep == 0:
-            plot(fronts, baseline, args.plot)
+            sweeps = " and ".join(str(n) for n in args.sweeps)
+            title = f"Pareto fronts after {args.budget} trials (uniform sweeps: {sweeps} points)"
+            plot(fronts, baseline, args.plot, f"{args.model}, {title}, seed 0")
     table = pd.DataFrame(rows)
     table.to_csv(args.out / "search_quality.csv", index=False)
     metrics = [c for c in table.columns if c not in ("method", "rep")]
