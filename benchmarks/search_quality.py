@@ -251,8 +251,8 @@ def main() -> None:
     args = parser.parse_args()
     chosen = set(args.arms.split(","))
     unknown = chosen - {short for short, _ in ARMS.values()}
-    if unknown or "tpe" not in chosen:
-        parser.error(f"--arms: unknown {sorted(unknown)} or tpe missing (the plot's reference)")
+    if unknown or not chosen - {""}:
+        parser.error(f"--arms: unknown {sorted(unknown)}, or none given")
     arms = {arm: value for arm, value in ARMS.items() if value[0] in chosen}
     args.out.mkdir(parents=True, exist_ok=True)
     common = [
