@@ -57,6 +57,10 @@ ARMS = {
         "tpe-alloc",
         ["--sampler", "tpe", "--initial-trials", "5", "--initial-ranks", "allocated", *FLOOR],
     ),
+    "tdsearch TPE + 5 allocated starts, ranks from 1": (
+        "tpe-alloc-r1",
+        ["--sampler", "tpe", "--initial-trials", "5", "--initial-ranks", "allocated"],
+    ),
     "tdsearch NSGA-II": ("nsga2", ["--sampler", "nsga2", *FLOOR]),
     "tdsearch TPE, --format auto": ("auto", ["--sampler", "tpe", "--format", "auto", *FLOOR]),
     "random search": ("random", ["--sampler", "random", *FLOOR]),
