@@ -130,13 +130,13 @@ def export_trial(
         tracker.refits(record.run_id), record.value(score.column), score
     )
     name = parent.data.tags.get(TAG_SEARCH, parent.info.run_name)
-    params = tracker.search_run(record.run_id, name).data.params
-    dense = tuple(k.removeprefix("format.") for k, v in params.items() if _left_dense(k, v))
+    params = tracker.get_run(record.run_id).data.params  # --format auto: format.<layer>
+    dense = tuple(
+        k.removeprefix("format.")
+        for k, v in params.items()
+        if k.startswith("format.") and v == "dense"
+    )
     return Selected(name, record, score, chosen, passed_over, dense)
-
-
-def _left_dense(param: str, value: str) -> bool:
-    return param.startswith("format.") and value == "dense"
 
 
 def choose_refit(refits: list, own: float, score: Score) -> tuple[object | None, object | None]:

@@ -227,11 +227,15 @@ class Tracker:
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
+    def get_run(self, run_id: str):
+        """The MLflow run ``run_id`` (retried like every call to the store)."""
+        return self._call(lambda: self.client.get_run(run_id))
+
     def search_run(self, run_id: str, name: str):
         """The parent run of search ``name``; a store without it is a UserError (the search
         wrote to another store)."""
         try:
-            return self._call(lambda: self.client.get_run(run_id))
+            return self.get_run(run_id)
         except MlflowException as err:
             if err.get_http_status_code() != 404 and "not found" not in str(err).lower():
                 raise

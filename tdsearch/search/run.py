@@ -38,7 +38,7 @@ from tdsearch.search.trial import TrialSettings, run_trial
 from tdsearch.spaces import AUTO, SearchSpace, build_space, select_layers
 from tdsearch.task import Task, load_task, open_task
 from tdsearch.tensor import LayerInfo
-from tdsearch.trainers import Trainer
+from tdsearch.trainers import Decompose, Trainer
 
 #: Process-wide settings for Ray Tune, set before it is imported: save the experiment state
 #: after every step (so a driver killed with SIGKILL loses no finished trial; the state is a
@@ -118,8 +118,6 @@ def build_search_space(
                 f"{config.space.method_name} does not factorize {kind} layers yet "
                 f"({', '.join(names[:5])}); leave them out with --exclude-layers"
             )
-    from tdsearch.trainers.decompose import Decompose
-
     # a trainer derived from decompose (e.g. one that adds logging) trains the same way
     if config.format == AUTO and not isinstance(trainer, Decompose):
         raise UserError(
