@@ -250,6 +250,9 @@ def main() -> None:
     parser.add_argument("--model", default="lenet5", help="lenet5, or resnet20 (1 input channel)")
     parser.add_argument("--tie", default="none", help="--tie of every search (resnet20: block)")
     parser.add_argument("--baseline-epochs", type=int, help="the baseline's epochs (the default)")
+    parser.add_argument(
+        "--concurrency", type=int, default=1, help="trials at once in every search (1)"
+    )
     parser.add_argument("--out", type=Path, default=Path("/tmp/tdsearch-bench/search_quality"))
     parser.add_argument("--plot", type=Path, default=Path("docs/images/search_quality.png"))
     args = parser.parse_args()
@@ -275,6 +278,7 @@ def main() -> None:
         str(args.max_train_samples),
         "--cache-dir",
         str(args.out / "cache"),
+        *(["--concurrency", str(args.concurrency)] if args.concurrency > 1 else []),
     ]
     tracker = Tracker(f"sqlite:///{args.out}/bench.db", "search-quality")
     tracker.connect()

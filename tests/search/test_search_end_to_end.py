@@ -253,15 +253,19 @@ def test_export_constraints_no_trial_meets_are_a_one_line_error(search):
     assert sorted(p.name for p in root.iterdir()) == before  # nothing written
 
 
-def test_export_trial_picks_a_trial_by_its_number(search):
-    """``--trial N``: the trial the progress lines and the front name, whatever its rank."""
-    root = search["root"]
+def test_export_trial_picks_a_trial_by_its_number(search, monkeypatch, capsys):
+    """``--trial N``: the trial the progress lines and the front name, whatever its rank (the
+    CLI run in this process: one interpreter start per export made this test the slowest)."""
+    from tdsearch.cli import main
+
+    monkeypatch.chdir(search["root"])
+    capsys.readouterr()
     for child in search["children"]:
         number = int(child.data.tags["tdsearch.trial_number"])
-        result = run("export", "--trial", str(number), "--format", "json", cwd=root)
-        assert result.returncode == 0, result.stderr
-        assert result.stderr.startswith(f"search demo, trial {number:04d}:")
-        assert RankTable.from_json(result.stdout) == RankTable.from_json(
+        assert main(["export", "--trial", str(number), "--format", "json"]) == 0
+        result = capsys.readouterr()
+        assert result.err.startswith(f"search demo, trial {number:04d}:")
+        assert RankTable.from_json(result.out) == RankTable.from_json(
             child.data.tags["tdsearch.rank_table"]
         )
     for args, message in [
@@ -269,7 +273,7 @@ def test_export_trial_picks_a_trial_by_its_number(search):
         (["--trial", "1", "--select", "knee"], "a trial number picks the trial itself"),
         (["--trial", "1", "--max-params", "1000"], "a trial number picks the trial itself"),
     ]:
-        result = run("export", *args, cwd=root)
-        assert result.returncode == 2
-        assert result.stderr.startswith(f"tdsearch: error: {message}"), result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
+        assert main(["export", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"tdsearch: error: {message}"), err
+        assert len(err.strip().splitlines()) == 1

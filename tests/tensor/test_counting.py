@@ -45,12 +45,12 @@ def _conv_formula(fmt: str, o: int, i: int, k: int, spec: LayerRanks) -> tuple[i
         out_m, in_m = spec.modes
         ranks = [*spec.ranks, 1]
         weights = k * k * ranks[0]
-        macs = i * ranks[0] * k * k * p  # the spatial conv, per input channel
         for j, (oj, ij) in enumerate(zip(out_m, in_m, strict=True)):
             weights += ranks[j] * oj * ij * ranks[j + 1]
-            left, right = math.prod(out_m[:j]), math.prod(in_m[j + 1 :])
-            macs += left * right * ranks[j] * ij * oj * ranks[j + 1] * p
-        return weights, macs
+        # depthwise conv (r0 filters per input channel), 1x1 conv from I*r0 channels, and the
+        # two cores contracted into that 1x1 conv's matrix once per call
+        build = ranks[0] * out_m[0] * in_m[0] * ranks[1] * out_m[1] * in_m[1]
+        return weights, (i * ranks[0] * k * k + o * i * ranks[0]) * p + build
     raise AssertionError(fmt)
 
 
@@ -72,13 +72,14 @@ def test_conv_counts_match_formulas(fmt, ranks):
 
 def test_strided_conv_macs_count_the_input_resolution():
     """The first 1x1 conv of TT / Tucker-2 runs at the input resolution, the rest at the
-    output resolution; the analytic count must follow the stride."""
+    output resolution (TT-matrix: all at the output resolution); the analytic count must
+    follow the stride."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 12, 3, stride=2, padding=1))
     info = decomposable_layers(model, (8, H, W))[0]
     assert (info.positions_in, info.positions_out) == (H * W, (H // 2) * (W // 2))
-    for fmt, ranks in [("tt", (3, 5)), ("tucker2", (4, 3)), ("svd", (5,))]:
-        spec = make_spec(info, fmt, ranks)
+    for fmt, ranks in [("tt", (3, 5)), ("tucker2", (4, 3)), ("svd", (5,)), ("tt-matrix", (4, 6))]:
+        spec = make_spec(info, fmt, ranks, cores=2)
         compact = compress(model, RankTable({"0": spec}))
         analytic = class_for(spec, "conv").weight_macs(
             info.weight_shape, spec, info.positions_in, info.positions_out

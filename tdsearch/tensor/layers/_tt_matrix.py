@@ -4,12 +4,19 @@ Linear (O, I) with O = o_1...o_d, I = i_1...i_d: cores C_k (r_{k-1}, o_k, i_k, r
 r_0 = r_d = 1 (ADMM-TT paper, equations 2-3).
 
 Conv (O, I, kh, kw): a spatial core C_0 (1, kh*kw, r_0) in front of the TT-matrix cores
-(ADMM-TT equations 4-5; CEPD equation 9). It runs as a kh x kw convolution from 1 to r_0 channels
-applied to every input channel separately, followed by the TT-matrix contraction over the
-channel modes at every output pixel.
+(ADMM-TT equations 4-5; CEPD equation 9). The spatial core is the same for every input channel,
+so it runs as one depthwise kh x kw convolution (I groups of r_0 filters, I -> I*r_0 channels),
+and the TT-matrix cores, contracted with one another into an (O, I*r_0) matrix on every call,
+run as one 1x1 convolution. Both are standard convolutions (oneDNN, ONNX Conv), and the
+pointwise matrix is only O*I*r_0 <= O*I*kh*kw (r_0 <= kh*kw), so a TT-matrix conv never costs
+more MACs per pixel than the dense one. Contracting the activations with one core after the
+other instead (what the linear layer does, below) takes fewer MACs at small ranks, but as a
+chain of reshapes and small matrix products over every pixel it ran 2-20x slower than the dense
+conv (docs/BENCHMARKS.md, "Latency by format").
 
-The contraction is a chain of ``torch.einsum`` calls, one per core, each a single batched matrix
-product, so ``torch.utils.flop_counter`` counts it and PyTorch's GEMM kernels run it.
+The linear layer's contraction is a chain of ``torch.einsum`` calls, one per core, each a single
+batched matrix product, so ``torch.utils.flop_counter`` counts it and PyTorch's GEMM kernels run
+it.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tdsearch.tensor.decompose import from_tt_matrix, to_tt_matrix, tt_svd, tt_to_full
@@ -55,6 +63,18 @@ def tt_matrix_apply(
         rank = core.shape[3]
         state = state.reshape(batch, done, rank, rest)
     return state.reshape(batch, done)
+
+
+def _pointwise_build_macs(
+    lead: int, out_modes: Sequence[int], in_modes: Sequence[int], ranks: Sequence[int]
+) -> int:
+    """MACs of :meth:`TTMatrixConv2d.pointwise_weight`: core k+1 joins the (r0, O_k, I_k, r_k)
+    product of the first k cores as one matrix product over r_k. ``ranks``: r_1..r_d = 1."""
+    total, rows, cols = 0, out_modes[0], in_modes[0]
+    for k in range(1, len(out_modes)):
+        total += lead * rows * cols * ranks[k - 1] * out_modes[k] * in_modes[k] * ranks[k]
+        rows, cols = rows * out_modes[k], cols * in_modes[k]
+    return total
 
 
 def _check_modes(weight_shape: Sequence[int], spec: LayerRanks) -> None:
@@ -120,17 +140,23 @@ class _TTMatrixBase(FactorizedLayer):
     def weight_macs(
         cls, weight_shape: Sequence[int], spec: LayerRanks, positions_in: int, positions_out: int
     ) -> int:
-        """The contraction of :func:`tt_matrix_apply` at every output position, plus the
-        spatial conv of a conv layer (run on every input channel)."""
+        """Linear: the contraction of :func:`tt_matrix_apply` at every output position. Conv:
+        the depthwise and the 1x1 conv at every output position, plus the contraction of the
+        cores into the 1x1 conv's matrix, once per call (counted in full for one input: at a
+        batch of B inputs it is shared by B)."""
         out_modes, in_modes = spec.modes
-        spatial = len(weight_shape) == 4
-        ranks = [*spec.ranks, 1] if spatial else [1, *spec.ranks, 1]
+        if len(weight_shape) == 4:
+            out_ch, in_ch, kh, kw = weight_shape
+            lead = spec.ranks[0]
+            per_position = in_ch * lead * kh * kw + out_ch * in_ch * lead
+            return per_position * positions_out + _pointwise_build_macs(
+                lead, out_modes, in_modes, [*spec.ranks[1:], 1]
+            )
+        ranks = [1, *spec.ranks, 1]
         total = 0
         for k, (o, i) in enumerate(zip(out_modes, in_modes, strict=True)):
             left, right = math.prod(out_modes[:k]), math.prod(in_modes[k + 1 :])
             total += left * right * ranks[k] * i * o * ranks[k + 1]
-        if spatial:
-            total += weight_shape[1] * ranks[0] * weight_shape[2] * weight_shape[3]
         return total * positions_out
 
     @classmethod
@@ -195,13 +221,29 @@ class TTMatrixConv2d(_TTMatrixBase):
         self.spatial = geometry.conv(1, ranks[0], spatial=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, i, h, w = x.shape
-        z = self.spatial(x.reshape(b * i, 1, h, w))  # (B*I, r0, H', W')
-        r0, h2, w2 = z.shape[1:]
-        z = z.reshape(b, i, r0, h2 * w2).permute(0, 3, 2, 1).reshape(b * h2 * w2, r0, i)
-        y = tt_matrix_apply(z, list(self.cores), self.in_modes)  # (B*H'*W', O)
-        y = y.reshape(b, h2, w2, -1).permute(0, 3, 1, 2)
-        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+        in_ch = x.shape[1]
+        spatial = self.spatial
+        # the same r0 filters on every input channel: output channel c * r0 + a is filter a
+        # on input channel c
+        depthwise = spatial.weight.repeat(in_ch, 1, 1, 1)  # (I*r0, 1, kh, kw)
+        padding = spatial.padding
+        if spatial.padding_mode != "zeros":
+            x = F.pad(x, spatial._reversed_padding_repeated_twice, mode=spatial.padding_mode)
+            padding = 0
+        z = F.conv2d(x, depthwise, None, spatial.stride, padding, spatial.dilation, in_ch)
+        return F.conv2d(z, self.pointwise_weight(), self.bias)
+
+    def pointwise_weight(self) -> torch.Tensor:
+        """The TT-matrix cores contracted into the 1x1 conv's weight, (O, I*r0, 1, 1), its
+        input channels in the depthwise conv's order (input channel major, rank minor)."""
+        matrix = self.cores[0]  # (r0, O_k, I_k, r_k) after k cores
+        for core in self.cores[1:]:
+            r0, rows, cols, _ = matrix.shape
+            _, o, i, r = core.shape
+            matrix = torch.einsum("apcr,rois->apocis", matrix, core)
+            matrix = matrix.reshape(r0, rows * o, cols * i, r)
+        r0, out_ch, in_ch, _ = matrix.shape
+        return matrix.reshape(r0, out_ch, in_ch).permute(1, 2, 0).reshape(out_ch, -1, 1, 1)
 
     @classmethod
     def from_dense(cls, layer: nn.Conv2d, spec: LayerRanks, *, init: bool = True) -> TTMatrixConv2d:
