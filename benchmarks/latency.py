@@ -9,17 +9,22 @@ model, at batch 1 and batch 256. Dense and compact models are timed alternately 
     python benchmarks/latency.py                          # a few minutes on a 2-core CPU
     python benchmarks/latency.py --runtime onnxruntime    # the same, exported to ONNX
     python benchmarks/latency.py --runtime torch-compile  # both models through torch.compile
+    python benchmarks/latency.py --runtime torch-channels-last   # weights and input NHWC
 
 ``torch-compile`` is PyTorch's own graph compiler (Inductor, C++ kernels on a CPU) with
 ``freezing`` on, which folds batch norm into the convolution before it and constant-folds the
 weights: the fused factor chain without code of ours. Its extra column is the compiled compact
 model against the dense model in eager PyTorch (what a user who compiles the compact model
-gets, compared with what they ran before).
+gets, compared with what they ran before). ``torch-channels-last`` runs both models in eager
+PyTorch with their 4-D weights and the input in channels-last (NHWC) memory order, the layout
+oneDNN's convolutions prefer; its extra columns time the compact model in channels-last against
+itself in the default layout.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import platform
 import tempfile
@@ -66,6 +71,18 @@ def compact_model(name: str, fmt: str, fraction: float) -> torch.nn.Module:
     return compress(dense, table).eval()
 
 
+class ChannelsLast(torch.nn.Module):
+    """``model`` with its 4-D weights and its input in channels-last (NHWC) memory order; the
+    input's conversion is timed too, as a deployment would pay it."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.contiguous(memory_format=torch.channels_last))
+
+
 def timed_pair(
     dense, compact, shape, batch: int, rounds: int, onnx: tuple[Path, Path] | None = None
 ) -> tuple[float, float]:
@@ -92,11 +109,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
         "--runtime",
-        choices=["torch", "onnxruntime", "torch-compile"],
+        choices=["torch", "onnxruntime", "torch-compile", "torch-channels-last"],
         default="torch",
         help="time PyTorch eager, both models exported to ONNX in ONNX Runtime, or both "
         "through torch.compile (Inductor, freezing on)",
     )
+    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=FORMATS)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
     torch.manual_seed(0)
@@ -105,22 +123,25 @@ def main() -> None:
         f"{platform.machine()}\n"
     )
     compiled = args.runtime == "torch-compile"
+    nhwc = args.runtime == "torch-channels-last"
     if compiled:
         from torch._inductor import config as inductor
 
         inductor.freezing = True  # fold batch norm and constant weights
     print(
         "| model | format | rank fraction | params ↓ | MACs ↓ | speed-up b=1 | speed-up b=256 |"
-        " speed-up / MACs ↓ at b=256 |" + (" compiled compact vs eager dense, b=256 |" * compiled)
+        " speed-up / MACs ↓ at b=256 |"
+        + (" compiled compact vs eager dense, b=256 |" * compiled)
+        + (" compact NHWC vs NCHW b=1 | b=256 |" * nhwc)
     )
-    print("|---|---|---|---|---|---|---|---|" + "---|" * compiled)
+    print("|---|---|---|---|---|---|---|---|" + "---|" * compiled + "---|---|" * nhwc)
     for name, (shape, classes) in MODELS.items():
         dense = build_model(name, shape, classes).eval()
         dense_macs, dense_params = count_flops(dense, shape), count_params(dense)
-        dense_run = dense
+        dense_run = ChannelsLast(copy.deepcopy(dense)) if nhwc else dense
         if args.runtime == "onnxruntime":
             export_onnx(dense, tmp / "dense.onnx", shape)
-        for fmt in FORMATS:
+        for fmt in args.formats:
             for fraction in args.fractions:
                 compact = compact_model(name, fmt, fraction)
                 reduction = dense_macs / count_flops(compact, shape)
@@ -128,7 +149,7 @@ def main() -> None:
                 if args.runtime == "onnxruntime":
                     export_onnx(compact, tmp / "compact.onnx", shape)
                     files = (tmp / "dense.onnx", tmp / "compact.onnx")
-                compact_run = compact
+                compact_run = ChannelsLast(copy.deepcopy(compact)) if nhwc else compact
                 if compiled:
                     # every compact model has the same forward code as the dense one: without
                     # a reset Dynamo counts each as a recompile of it and, past its limit (8),
@@ -152,6 +173,10 @@ def main() -> None:
                 if compiled:  # the eager dense model, timed beside the compiled compact one
                     eager, c = timed_pair(dense, compact_run, shape, 256, args.rounds)
                     extra = f" {eager / c:.2f}x |"
+                if nhwc:  # the compact model in the default layout, timed beside NHWC
+                    for batch in (1, 256):
+                        default, c = timed_pair(compact, compact_run, shape, batch, args.rounds)
+                        extra += f" {default / c:.2f}x |"
                 print(
                     f"| {name} | {fmt} | {fraction:.2f} | "
                     f"{dense_params / count_params(compact):.1f}x | {reduction:.2f}x | "

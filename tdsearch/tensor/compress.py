@@ -226,14 +226,17 @@ def largest_compressing_rank(info: LayerInfo, spec: LayerRanks) -> int:
     """The largest r such that all ranks = r (capped where the layer cannot hold r) gives fewer
     weights than the dense layer and no more MACs; 0 if even rank 1 does not.
 
-    The MAC condition matters for TT-matrix layers, whose contraction grows with the square of
-    the ranks: at the rank where fc1 of LeNet-5 stops saving weights (97), it costs about 30
-    times the dense layer's MACs. Such a rank never helps a user who wants a smaller, faster
-    model.
+    The MAC condition matters for TT-matrix linear layers, whose contraction grows with the
+    square of the ranks: at the rank where fc1 of LeNet-5 stops saving weights (97), it costs
+    about 30 times the dense layer's MACs. Such a rank never helps a user who wants a smaller,
+    faster model. A TT-matrix conv runs the dense conv with its rebuilt kernel (its MACs are the
+    dense conv's plus the rebuild's, at every rank), so only its weights bound it.
     """
     n = rank_count(info, spec)
     dense_macs = info.weight_count * info.positions_out
     if info.kind == "embedding":  # a lookup has no MACs; the TT contraction's are small
+        dense_macs = math.inf
+    if info.kind == "conv" and spec.format == "tt-matrix":
         dense_macs = math.inf
     best = 0
     for r in range(1, max(rank_limits(info, spec)) + 1):

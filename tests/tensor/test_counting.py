@@ -47,10 +47,11 @@ def _conv_formula(fmt: str, o: int, i: int, k: int, spec: LayerRanks) -> tuple[i
         weights = k * k * ranks[0]
         for j, (oj, ij) in enumerate(zip(out_m, in_m, strict=True)):
             weights += ranks[j] * oj * ij * ranks[j + 1]
-        # depthwise conv (r0 filters per input channel), 1x1 conv from I*r0 channels, and the
-        # two cores contracted into that 1x1 conv's matrix once per call
-        build = ranks[0] * out_m[0] * in_m[0] * ranks[1] * out_m[1] * in_m[1]
-        return weights, (i * ranks[0] * k * k + o * i * ranks[0]) * p + build
+        # the dense conv with the kernel the cores contract to, rebuilt once per call: the
+        # spatial core (K², r0) times core 1, then that (K² o1 i1, r1) times core 2
+        rebuild = k * k * ranks[0] * out_m[0] * in_m[0] * ranks[1]
+        rebuild += k * k * out_m[0] * in_m[0] * ranks[1] * out_m[1] * in_m[1]
+        return weights, o * i * k * k * p + rebuild
     raise AssertionError(fmt)
 
 
@@ -72,8 +73,8 @@ def test_conv_counts_match_formulas(fmt, ranks):
 
 def test_strided_conv_macs_count_the_input_resolution():
     """The first 1x1 conv of TT / Tucker-2 runs at the input resolution, the rest at the
-    output resolution (TT-matrix: all at the output resolution); the analytic count must
-    follow the stride."""
+    output resolution (TT-matrix: its dense conv at the output resolution); the analytic
+    count must follow the stride."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 12, 3, stride=2, padding=1))
     info = decomposable_layers(model, (8, H, W))[0]

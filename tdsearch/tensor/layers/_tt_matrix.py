@@ -4,15 +4,15 @@ Linear (O, I) with O = o_1...o_d, I = i_1...i_d: cores C_k (r_{k-1}, o_k, i_k, r
 r_0 = r_d = 1 (ADMM-TT paper, equations 2-3).
 
 Conv (O, I, kh, kw): a spatial core C_0 (1, kh*kw, r_0) in front of the TT-matrix cores
-(ADMM-TT equations 4-5; CEPD equation 9). The spatial core is the same for every input channel,
-so it runs as one depthwise kh x kw convolution (I groups of r_0 filters, I -> I*r_0 channels),
-and the TT-matrix cores, contracted with one another into an (O, I*r_0) matrix on every call,
-run as one 1x1 convolution. Both are standard convolutions (oneDNN, ONNX Conv), and the
-pointwise matrix is only O*I*r_0 <= O*I*kh*kw (r_0 <= kh*kw), so a TT-matrix conv never costs
-more MACs per pixel than the dense one. Contracting the activations with one core after the
-other instead (what the linear layer does, below) takes fewer MACs at small ranks, but as a
-chain of reshapes and small matrix products over every pixel it ran 2-20x slower than the dense
-conv (docs/BENCHMARKS.md, "Latency by format").
+(ADMM-TT equations 4-5; CEPD equation 9). It runs as one standard convolution with the kernel
+the cores contract to, rebuilt on every call (a chain of small matrix products, shared by the
+whole batch). That costs the dense conv's MACs: a TT-matrix conv saves parameters, not time.
+Measured on this 2-core CPU (torch 2.13, oneDNN), contracting the activations with the cores
+instead, core after core, or as a depthwise conv with r_0 filters per channel followed by a 1x1
+conv, takes fewer MACs at small ranks and still ran 1.5-15x slower than the dense conv at every
+rank and batch size tried (LeNet-5's conv2 and ResNet-20's 16- and 32-channel convs, r_0 from 1
+to 12, batch 1 and 256); the rebuilt kernel ran at the dense conv's speed (docs/BENCHMARKS.md,
+"Latency by format").
 
 The linear layer's contraction is a chain of ``torch.einsum`` calls, one per core, each a single
 batched matrix product, so ``torch.utils.flop_counter`` counts it and PyTorch's GEMM kernels run
@@ -25,7 +25,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tdsearch.tensor.decompose import from_tt_matrix, to_tt_matrix, tt_svd, tt_to_full
@@ -65,16 +64,14 @@ def tt_matrix_apply(
     return state.reshape(batch, done)
 
 
-def _pointwise_build_macs(
-    lead: int, out_modes: Sequence[int], in_modes: Sequence[int], ranks: Sequence[int]
-) -> int:
-    """MACs of :meth:`TTMatrixConv2d.pointwise_weight`: core k+1 joins the (r0, O_k, I_k, r_k)
-    product of the first k cores as one matrix product over r_k. ``ranks``: r_1..r_d = 1."""
-    total, rows, cols = 0, out_modes[0], in_modes[0]
-    for k in range(1, len(out_modes)):
-        total += lead * rows * cols * ranks[k - 1] * out_modes[k] * in_modes[k] * ranks[k]
-        rows, cols = rows * out_modes[k], cols * in_modes[k]
-    return total
+def _rebuild_macs(sizes: Sequence[int], ranks: Sequence[int]) -> int:
+    """MACs of contracting TT cores (r_{k-1}, n_k, r_k) of mode sizes ``sizes`` and inner
+    ``ranks`` into the full tensor as TensorLy does: each core joins the product of the ones
+    before it as one matrix product over r_{k-1}."""
+    bounds = [1, *ranks, 1]
+    return sum(
+        math.prod(sizes[:k]) * bounds[k] * sizes[k] * bounds[k + 1] for k in range(1, len(sizes))
+    )
 
 
 def _check_modes(weight_shape: Sequence[int], spec: LayerRanks) -> None:
@@ -141,17 +138,13 @@ class _TTMatrixBase(FactorizedLayer):
         cls, weight_shape: Sequence[int], spec: LayerRanks, positions_in: int, positions_out: int
     ) -> int:
         """Linear: the contraction of :func:`tt_matrix_apply` at every output position. Conv:
-        the depthwise and the 1x1 conv at every output position, plus the contraction of the
-        cores into the 1x1 conv's matrix, once per call (counted in full for one input: at a
-        batch of B inputs it is shared by B)."""
+        the dense conv at every output position, plus the contraction of the cores into its
+        kernel, once per call (counted in full for one input: a batch of B inputs shares it)."""
         out_modes, in_modes = spec.modes
         if len(weight_shape) == 4:
             out_ch, in_ch, kh, kw = weight_shape
-            lead = spec.ranks[0]
-            per_position = in_ch * lead * kh * kw + out_ch * in_ch * lead
-            return per_position * positions_out + _pointwise_build_macs(
-                lead, out_modes, in_modes, [*spec.ranks[1:], 1]
-            )
+            sizes = [kh * kw, *(o * i for o, i in zip(out_modes, in_modes, strict=True))]
+            return out_ch * in_ch * kh * kw * positions_out + _rebuild_macs(sizes, spec.ranks)
         ranks = [1, *spec.ranks, 1]
         total = 0
         for k, (o, i) in enumerate(zip(out_modes, in_modes, strict=True)):
@@ -221,29 +214,8 @@ class TTMatrixConv2d(_TTMatrixBase):
         self.spatial = geometry.conv(1, ranks[0], spatial=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_ch = x.shape[1]
-        spatial = self.spatial
-        # the same r0 filters on every input channel: output channel c * r0 + a is filter a
-        # on input channel c
-        depthwise = spatial.weight.repeat(in_ch, 1, 1, 1)  # (I*r0, 1, kh, kw)
-        padding = spatial.padding
-        if spatial.padding_mode != "zeros":
-            x = F.pad(x, spatial._reversed_padding_repeated_twice, mode=spatial.padding_mode)
-            padding = 0
-        z = F.conv2d(x, depthwise, None, spatial.stride, padding, spatial.dilation, in_ch)
-        return F.conv2d(z, self.pointwise_weight(), self.bias)
-
-    def pointwise_weight(self) -> torch.Tensor:
-        """The TT-matrix cores contracted into the 1x1 conv's weight, (O, I*r0, 1, 1), its
-        input channels in the depthwise conv's order (input channel major, rank minor)."""
-        matrix = self.cores[0]  # (r0, O_k, I_k, r_k) after k cores
-        for core in self.cores[1:]:
-            r0, rows, cols, _ = matrix.shape
-            _, o, i, r = core.shape
-            matrix = torch.einsum("apcr,rois->apocis", matrix, core)
-            matrix = matrix.reshape(r0, rows * o, cols * i, r)
-        r0, out_ch, in_ch, _ = matrix.shape
-        return matrix.reshape(r0, out_ch, in_ch).permute(1, 2, 0).reshape(out_ch, -1, 1, 1)
+        spatial = self.spatial  # holds the geometry (stride, padding, its mode) and C_0
+        return spatial._conv_forward(x, self.dense_weight(), self.bias)
 
     @classmethod
     def from_dense(cls, layer: nn.Conv2d, spec: LayerRanks, *, init: bool = True) -> TTMatrixConv2d:
