@@ -134,7 +134,7 @@ def main() -> None:
     budgets = {k: args.allocated if k.startswith("allocated") else v for k, v in budgets.items()}
     for name, flags in {**arms, **singles}.items():
         if not any(r.info.status == "FINISHED" for r in tracker.find_searches(name)):
-            print(f"running {name} ({budgets[name]} trials)", flush=True)
+            print(f"running {name} ({budgets[name]} trial{'s' * (budgets[name] != 1)})", flush=True)
             run_search(args.out, name, budgets[name], args.seed, flags, common)
 
     names = list(budgets)

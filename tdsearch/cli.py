@@ -639,7 +639,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     tracker.connect(create=False)
     trials, joint, score = compare_searches(tracker, args.names)
     counts = trials.groupby("search", sort=False).size()
-    print("searches: " + ", ".join(f"{name} ({n} trials)" for name, n in counts.items()))
+    sizes = (f"{name} ({n} trial{'s' * (n != 1)})" for name, n in counts.items())
+    print("searches: " + ", ".join(sizes))
     print(f"joint Pareto front (validation {score.name} vs params / MACs):")
     print(format_joint_front(joint, score))
     try:

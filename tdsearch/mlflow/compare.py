@@ -92,7 +92,7 @@ def plot_fronts(
                 front[score.column],
                 where="post",
                 color=f"C{k}",
-                label=f"{name} ({len(group)} trials)",
+                label=f"{name} ({len(group)} trial{'s' * (len(group) != 1)})",
             )
             ax.scatter(front[cost], front[score.column], s=28, color=f"C{k}")
         ax.scatter(
