@@ -77,6 +77,9 @@ def _counted(model: nn.Module, input_shape: Sequence[int]) -> tuple[FlopCounterM
         for n, m in model.named_modules()
         if hasattr(m, "lookup_macs")
     ]
+    for module in model.modules():  # counted as a first call runs: a TT-matrix conv's kernel
+        if hasattr(module, "forget_kernel"):  # rebuilt from its cores included
+            module.forget_kernel()
     was_training = model.training
     model.eval()
     try:

@@ -194,3 +194,36 @@ def test_from_dense_without_init_only_builds_shapes():
     assert {k: v.shape for k, v in empty.state_dict().items()} == {
         k: v.shape for k, v in full.state_dict().items()
     }
+
+
+def test_tt_matrix_conv_keeps_its_kernel_between_inference_calls_until_a_core_changes():
+    """The rebuilt kernel is reused without autograd, and rebuilt after any in-place update
+    (an optimiser step, a state dict loaded) or while training."""
+    layer = _conv(5, in_channels=6, out_channels=8, kernel_size=3, padding=1)
+    spec = _spec(layer, "tt-matrix", cores=2)
+    factorized = class_for(spec, "conv").from_dense(layer, spec)
+    x = torch.randn(2, 6, 7, 7)
+    counted = count_flops(factorized, (6, 7, 7))
+
+    def expected():
+        return F.conv2d(x, factorized.dense_weight(), factorized.bias, padding=1)
+
+    with torch.inference_mode():
+        first = factorized(x)
+        kernel = factorized._cached_kernel[1]
+        assert factorized(x) is not first and factorized._cached_kernel[1] is kernel
+    torch.testing.assert_close(first, expected())
+
+    optimizer = torch.optim.SGD(factorized.parameters(), lr=0.1)
+    factorized(x).square().sum().backward()  # with autograd: rebuilt, gradients reach the cores
+    assert all(core.grad is not None for core in factorized.cores)
+    optimizer.step()
+    with torch.no_grad():
+        torch.testing.assert_close(factorized(x), expected())
+        assert not torch.allclose(factorized(x), first)
+        state = {k: v.clone() for k, v in factorized.state_dict().items()}
+        state["cores.0"].mul_(0.5)
+        factorized.load_state_dict(state)
+        torch.testing.assert_close(factorized(x), expected())
+        factorized(torch.zeros(1, 6, 7, 7))  # a kernel kept at the counter's input
+    assert count_flops(factorized, (6, 7, 7)) == counted  # counted as a first call runs
