@@ -57,6 +57,10 @@ ARMS = {
         "tpe-alloc",
         ["--sampler", "tpe", "--initial-trials", "5", "--initial-ranks", "allocated", *FLOOR],
     ),
+    "tdsearch TPE + 5 uniform starts, ranks from 1": (
+        "tpe-starts-r1",
+        ["--sampler", "tpe", "--initial-trials", "5", "--initial-ranks", "uniform"],
+    ),
     "tdsearch TPE + 5 allocated starts, ranks from 1": (
         "tpe-alloc-r1",
         ["--sampler", "tpe", "--initial-trials", "5", "--initial-ranks", "allocated"],
