@@ -3,6 +3,7 @@ the dense layer with the reconstructed weight."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -227,3 +228,4 @@ def test_tt_matrix_conv_keeps_its_kernel_between_inference_calls_until_a_core_ch
         torch.testing.assert_close(factorized(x), expected())
         factorized(torch.zeros(1, 6, 7, 7))  # a kernel kept at the counter's input
     assert count_flops(factorized, (6, 7, 7)) == counted  # counted as a first call runs
+    assert copy.deepcopy(factorized)._cached_kernel is None  # copies and pickles rebuild it

@@ -242,6 +242,11 @@ class TTMatrixConv2d(_TTMatrixBase):
         """Drop the kept kernel: the next call rebuilds it (MACs are counted that way)."""
         self._cached_kernel = None
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_cached_kernel"] = None  # a pickle or copy rebuilds it on its first call
+        return state
+
     @classmethod
     def from_dense(cls, layer: nn.Conv2d, spec: LayerRanks, *, init: bool = True) -> TTMatrixConv2d:
         _check_modes(tuple(layer.weight.shape), spec)
