@@ -230,7 +230,7 @@ def largest_compressing_rank(info: LayerInfo, spec: LayerRanks) -> int:
     square of the ranks: at the rank where fc1 of LeNet-5 stops saving weights (97), it costs
     about 30 times the dense layer's MACs. Such a rank never helps a user who wants a smaller,
     faster model. A TT-matrix conv runs the dense conv with its rebuilt kernel (its MACs are the
-    dense conv's plus the rebuild's, at every rank), so only its weights bound it.
+    dense conv's at every rank), so only its weights bound it.
     """
     n = rank_count(info, spec)
     dense_macs = info.weight_count * info.positions_out

@@ -77,17 +77,20 @@ def _counted(model: nn.Module, input_shape: Sequence[int]) -> tuple[FlopCounterM
         for n, m in model.named_modules()
         if hasattr(m, "lookup_macs")
     ]
-    for module in model.modules():  # counted as a first call runs: a TT-matrix conv's kernel
-        if hasattr(module, "forget_kernel"):  # rebuilt from its cores included
-            module.forget_kernel()
+    # a TT-matrix conv keeps the kernel its cores contract to between inference calls: count
+    # the calls after the first, as a deployed model runs (the contraction is paid once)
+    keeps_kernels = any(hasattr(m, "forget_kernel") for m in model.modules())
     was_training = model.training
     model.eval()
     try:
         dtypes = probe_dtypes(model)
         for k, dtype in enumerate(dtypes):
-            recurrent.clear()
-            by_hand.clear()
             try:
+                if keeps_kernels:
+                    with torch.no_grad():
+                        model(torch.zeros(1, *input_shape, device=device, dtype=dtype))
+                recurrent.clear()
+                by_hand.clear()
                 with torch.no_grad(), FlopCounterMode(display=False) as counter:
                     model(torch.zeros(1, *input_shape, device=device, dtype=dtype))
                 # the counter sees a GRU's (and, on some devices, an LSTM's) matrix products:

@@ -47,11 +47,8 @@ def _conv_formula(fmt: str, o: int, i: int, k: int, spec: LayerRanks) -> tuple[i
         weights = k * k * ranks[0]
         for j, (oj, ij) in enumerate(zip(out_m, in_m, strict=True)):
             weights += ranks[j] * oj * ij * ranks[j + 1]
-        # the dense conv with the kernel the cores contract to, rebuilt once per call: the
-        # spatial core (K², r0) times core 1, then that (K² o1 i1, r1) times core 2
-        rebuild = k * k * ranks[0] * out_m[0] * in_m[0] * ranks[1]
-        rebuild += k * k * out_m[0] * in_m[0] * ranks[1] * out_m[1] * in_m[1]
-        return weights, o * i * k * k * p + rebuild
+        # the dense conv with the kernel the cores contract to (kept between inference calls)
+        return weights, o * i * k * k * p
     raise AssertionError(fmt)
 
 

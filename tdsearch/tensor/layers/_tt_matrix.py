@@ -6,7 +6,8 @@ r_0 = r_d = 1 (ADMM-TT paper, equations 2-3).
 Conv (O, I, kh, kw): a spatial core C_0 (1, kh*kw, r_0) in front of the TT-matrix cores
 (ADMM-TT equations 4-5; CEPD equation 9). It runs as one standard convolution with the kernel
 the cores contract to, rebuilt on every call (a chain of small matrix products, shared by the
-whole batch). That costs the dense conv's MACs: a TT-matrix conv saves parameters, not time.
+whole batch; kept between inference calls while the cores do not change). That costs the dense
+conv's MACs: a TT-matrix conv saves parameters, not time.
 Measured on this 2-core CPU (torch 2.13, oneDNN), contracting the activations with the cores
 instead, core after core, or as a depthwise conv with r_0 filters per channel followed by a 1x1
 conv, takes fewer MACs at small ranks and still ran 1.5-15x slower than the dense conv at every
@@ -62,16 +63,6 @@ def tt_matrix_apply(
         rank = core.shape[3]
         state = state.reshape(batch, done, rank, rest)
     return state.reshape(batch, done)
-
-
-def _rebuild_macs(sizes: Sequence[int], ranks: Sequence[int]) -> int:
-    """MACs of contracting TT cores (r_{k-1}, n_k, r_k) of mode sizes ``sizes`` and inner
-    ``ranks`` into the full tensor as TensorLy does: each core joins the product of the ones
-    before it as one matrix product over r_{k-1}."""
-    bounds = [1, *ranks, 1]
-    return sum(
-        math.prod(sizes[:k]) * bounds[k] * sizes[k] * bounds[k + 1] for k in range(1, len(sizes))
-    )
 
 
 def _check_modes(weight_shape: Sequence[int], spec: LayerRanks) -> None:
@@ -138,13 +129,12 @@ class _TTMatrixBase(FactorizedLayer):
         cls, weight_shape: Sequence[int], spec: LayerRanks, positions_in: int, positions_out: int
     ) -> int:
         """Linear: the contraction of :func:`tt_matrix_apply` at every output position. Conv:
-        the dense conv at every output position, plus the contraction of the cores into its
-        kernel, once per call (counted in full for one input: a batch of B inputs shares it)."""
+        the dense conv at every output position (its kernel, contracted from the cores once,
+        is kept between inference calls)."""
         out_modes, in_modes = spec.modes
         if len(weight_shape) == 4:
             out_ch, in_ch, kh, kw = weight_shape
-            sizes = [kh * kw, *(o * i for o, i in zip(out_modes, in_modes, strict=True))]
-            return out_ch * in_ch * kh * kw * positions_out + _rebuild_macs(sizes, spec.ranks)
+            return out_ch * in_ch * kh * kw * positions_out
         ranks = [1, *spec.ranks, 1]
         total = 0
         for k, (o, i) in enumerate(zip(out_modes, in_modes, strict=True)):
@@ -239,7 +229,7 @@ class TTMatrixConv2d(_TTMatrixBase):
         return cached[1]
 
     def forget_kernel(self) -> None:
-        """Drop the kept kernel: the next call rebuilds it (MACs are counted that way)."""
+        """Drop the kept kernel: the next call rebuilds it."""
         self._cached_kernel = None
 
     def __getstate__(self) -> dict:
