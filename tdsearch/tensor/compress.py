@@ -234,9 +234,8 @@ def largest_compressing_rank(info: LayerInfo, spec: LayerRanks) -> int:
     """
     n = rank_count(info, spec)
     dense_macs = info.weight_count * info.positions_out
-    if info.kind == "embedding":  # a lookup has no MACs; the TT contraction's are small
-        dense_macs = math.inf
-    if info.kind == "conv" and spec.format == "tt-matrix":
+    # a lookup has no MACs (the TT contraction's are small); a TT-matrix conv has the dense's
+    if info.kind == "embedding" or (info.kind == "conv" and spec.format == "tt-matrix"):
         dense_macs = math.inf
     best = 0
     for r in range(1, max(rank_limits(info, spec)) + 1):
