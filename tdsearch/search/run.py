@@ -40,11 +40,17 @@ from tdsearch.task import Task, load_task, open_task
 from tdsearch.tensor import LayerInfo
 from tdsearch.trainers import Decompose, Trainer
 
-#: Process-wide settings for Ray Tune, set before it is imported: save the experiment state
-#: after every step (so a driver killed with SIGKILL loses no finished trial; the state is a
-#: few kB), and keep Tune's own console reporter quiet (tdsearch prints its own progress).
+#: Process-wide settings for Ray Tune, set before it is imported, and Tune's own console
+#: reporter kept quiet (tdsearch prints its own progress).
+#: The experiment state is saved at least every 2 s, and at once after every report that
+#: carries a checkpoint (Tune forces that with ``CheckpointConfig(num_to_keep=1)``; every
+#: trial's last report carries one), so a driver killed with SIGKILL loses no finished trial.
+#: A period of 0 saved it on every step of Tune's 0.1 s event loop, pickling the Optuna study
+#: each time: half the driver's CPU time (45.7 against 22.4 s over an 8-trial digits search,
+#: docs/BENCHMARKS.md), taken from the trials on a small machine. A trial that ends in the 2 s
+#: before a SIGKILL may run again on resume; its MLflow run stays the one it wrote first.
 RAY_ENVIRONMENT = {
-    "TUNE_GLOBAL_CHECKPOINT_S": "0",
+    "TUNE_GLOBAL_CHECKPOINT_S": "2",
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     "RAY_AIR_NEW_OUTPUT": "0",
 }
