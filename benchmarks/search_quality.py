@@ -65,6 +65,10 @@ ARMS = {
         "tpe-alloc-r1",
         ["--sampler", "tpe", "--initial-trials", "5", "--initial-ranks", "allocated"],
     ),
+    "tdsearch TPE, one size dimension (--rank-mode scaled)": (
+        "tpe-scaled",
+        ["--sampler", "tpe", "--rank-mode", "scaled"],
+    ),
     "tdsearch NSGA-II": ("nsga2", ["--sampler", "nsga2", *FLOOR]),
     "tdsearch TPE, --format auto": ("auto", ["--sampler", "tpe", "--format", "auto", *FLOOR]),
     "random search": ("random", ["--sampler", "random", *FLOOR]),

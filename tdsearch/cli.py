@@ -169,7 +169,11 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
         metavar="LAYER=LOW:HIGH",
         help="bounds of a layer's ranks (repeat)",
     )
-    g.add_argument("--rank-mode", help="fraction (default) or int")
+    g.add_argument(
+        "--rank-mode",
+        help="fraction (default: one fraction per rank), scaled (one size for the model, a "
+        "multiplier per rank) or int",
+    )
     g.add_argument(
         "--min-rank-fraction",
         type=float,

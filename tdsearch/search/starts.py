@@ -20,7 +20,7 @@ from torch import nn
 from tdsearch.allocation import ALLOCATABLE, Choice, allocate, can_allocate, error_curves
 from tdsearch.config import INITIAL_RANKS
 from tdsearch.errors import UserError
-from tdsearch.spaces import LayerSlot, SearchSpace
+from tdsearch.spaces import SCALE_DIM, SCALED, LayerSlot, SearchSpace
 from tdsearch.tensor import count_params
 from tdsearch.tensor.compress import factorized_weight_params
 
@@ -95,7 +95,9 @@ def _within_space(space: SearchSpace, slot: LayerSlot, curve: Sequence[Choice]) 
     smallest its dimension reaches and the layer's largest useful rank."""
     dims = {d.name: d for d in space.dimensions}
     lowest = [
-        max(1, math.ceil(dims[name].low * upper)) if space.rank_mode == "fraction" else 1
+        max(1, math.ceil(space.floors.get(name, dims[name].low) * upper))
+        if space.rank_mode in ("fraction", SCALED)
+        else 1
         for name, upper in zip(slot.dims[: len(slot.upper)], slot.upper, strict=True)
     ]
     return [
@@ -127,13 +129,23 @@ def _allocated(
         chosen = allocation.table[slot.info.name].ranks
         for name, rank, upper in zip(slot.dims[: len(slot.upper)], chosen, slot.upper, strict=True):
             # a fraction f gives the rank ceil(f * upper): (r - 1/2) / upper gives r exactly
-            value = (rank - 0.5) / upper if space.rank_mode == "fraction" else rank
+            value = (rank - 0.5) / upper if space.rank_mode in ("fraction", SCALED) else rank
             values.setdefault(name, []).append(value)
     dims = {d.name: d for d in space.dimensions}
     config = dict(uniform)
-    for name, options in values.items():  # a dimension tied over several layers: their mean
+    means = {name: sum(options) / len(options) for name, options in values.items()}
+    if space.floors:
+        # scaled: the scale at the log-midpoint of the allocated fractions, so that the
+        # multipliers express the allocation exactly when its fractions span at most
+        # SCALE_SPREAD**2, and clip symmetrically at both ends when they span more
+        scaled = [means[n] for n in means if n in space.floors]
+        scale = math.sqrt(min(scaled) * max(scaled))
+        config[SCALE_DIM] = min(max(scale, dims[SCALE_DIM].low), dims[SCALE_DIM].high)
+    for name, value in means.items():  # a dimension tied over several layers: their mean
         dim = dims[name]
-        value = min(max(sum(options) / len(options), dim.low), dim.high)
+        if name in space.floors:
+            value /= float(config[SCALE_DIM])
+        value = min(max(value, dim.low), dim.high)
         config[name] = round(value) if space.rank_mode == "int" else value
     return config
 

@@ -11,6 +11,9 @@ from tdsearch.errors import UserError
 from tdsearch.spaces.layers import TIE_MODES, default_layers, select_layers, tie_group
 from tdsearch.spaces.space import (
     RANK_MODES,
+    SCALE_DIM,
+    SCALE_SPREAD,
+    SCALED,
     Dimension,
     LayerSlot,
     SearchSpace,
@@ -83,7 +86,7 @@ def check_space_settings(
         raise UserError(
             f"unknown format {conv_format!r}; choose one of {', '.join(CONV_FORMATS)} or {AUTO}"
         )
-    if conv_format == AUTO and rank_mode != "fraction":
+    if conv_format == AUTO and rank_mode == "int":
         raise UserError("--format auto searches rank fractions; it takes no --rank-mode int")
     if linear_format is not None and linear_format not in LINEAR_FORMATS:
         raise UserError(
@@ -127,7 +130,8 @@ def build_space(
         selects_ranks: the trainer picks ranks during training (MARS, adaptive Tucker): the
             layers get no rank dimensions and start from their largest useful ranks.
         include, exclude: layer names or globs (default: all but first conv and last linear).
-        rank_mode: ``fraction`` or ``int``.
+        rank_mode: ``fraction``, ``scaled`` (one size dimension for the whole model, each
+            layer's fraction a multiple of it; see :class:`SearchSpace`) or ``int``.
         tie: ``none``, ``block`` or ``stage``: layers of a residual block / stage share ranks.
         min_fraction: lower end of the fraction dimensions; ``None`` (the default): each
             dimension starts at the fraction that gives rank 1 to every layer reading it
@@ -180,9 +184,10 @@ def build_space(
             max(u[k] for _, u in options if len(u) > k)
             for k in range(max(len(u) for _, u in options))
         ]
+        fractions = "fraction" if rank_mode == SCALED else rank_mode
         for name, u in zip(names, longest, strict=False):
-            dim = rank_dimension(name, u, rank_mode, min_fraction)
-            if rank_mode == "fraction" and min_fraction is None and name in dims:
+            dim = rank_dimension(name, u, fractions, min_fraction)
+            if fractions == "fraction" and min_fraction is None and name in dims:
                 # a dimension tied over several layers reaches rank 1 in the largest of them
                 dim = Dimension(name, "float", min(dims[name].low, dim.low), 1.0, help=dim.help)
             if rank_mode == "int":
@@ -202,13 +207,54 @@ def build_space(
         else:
             slots.append(LayerSlot(info, template, names, upper))
 
+    floors: dict[str, float] = {}
+    if rank_mode == SCALED and not selects_ranks:
+        dims, floors = _scaled(dims)
     for dim in method_dims:
         if dim.name in dims:
             raise ValueError(f"method dimension {dim.name!r} clashes with a rank dimension")
         dims[dim.name] = dim
     return SearchSpace(
-        method, "none" if selects_ranks else rank_mode, tuple(slots), tuple(dims.values())
+        method,
+        "none" if selects_ranks else rank_mode,
+        tuple(slots),
+        tuple(dims.values()),
+        floors=floors,
     )
+
+
+def _scaled(dims: Mapping[str, Dimension]) -> tuple[dict[str, Dimension], dict[str, float]]:
+    """The fraction dimensions of a space as ``rank.scale`` and one multiplier of it per rank
+    dimension, and each rank dimension's smallest fraction (what it can no longer go below)."""
+    floors = {n: float(d.low) for n, d in dims.items() if n.startswith("rank.") and not d.fixed}
+    if not floors:
+        return dict(dims), floors
+    # the scale reaches down to where the multipliers can still bring every rank to its
+    # floor: a lower scale would only add trials whose layers all sit at rank 1
+    low = max(min(floors.values()), max(floors.values()) / SCALE_SPREAD)
+    scaled: dict[str, Dimension] = {
+        SCALE_DIM: Dimension(
+            SCALE_DIM,
+            "float",
+            min(1.0, low),
+            1.0,
+            log=True,
+            help="the model's rank fraction (each layer's: this times its multiplier)",
+        )
+    }
+    for name, dim in dims.items():
+        if name in floors:
+            scaled[name] = Dimension(
+                name,
+                "float",
+                1 / SCALE_SPREAD,
+                SCALE_SPREAD,
+                log=True,
+                help="multiplier of rank.scale for this rank",
+            )
+        else:
+            scaled[name] = dim
+    return scaled, floors
 
 
 def _resolve_bounds(
@@ -239,6 +285,8 @@ __all__ = [
     "LINEAR_FORMAT",
     "LINEAR_FORMATS",
     "RANK_MODES",
+    "SCALED",
+    "SCALE_DIM",
     "TIE_MODES",
     "Dimension",
     "LayerSlot",

@@ -13,7 +13,17 @@ from dataclasses import dataclass, field
 
 from tdsearch.tensor import LayerInfo, LayerRanks, RankTable, feasible_ranks
 
-RANK_MODES = ("fraction", "int")
+#: ``scaled``: one dimension for the size of the whole model, ``rank.scale``, and per rank
+#: dimension a multiplier of it within [1 / SCALE_SPREAD, SCALE_SPREAD] (log-scaled); a layer's
+#: fraction is ``rank.scale`` times its multiplier, clipped to [its smallest fraction, 1].
+#: Why: with one independent fraction per layer, the model's size is a sum of many independent
+#: terms and concentrates (TPE's own trials on ResNet-20, 10 tied dimensions, all fell between
+#: 3.2x and 4.9x, docs/BENCHMARKS.md); one size dimension lets the sampler reach the near-dense
+#: and the far end as easily as the middle, and the multipliers still shape the allocation.
+SCALED = "scaled"
+RANK_MODES = ("fraction", SCALED, "int")
+SCALE_DIM = "rank.scale"
+SCALE_SPREAD = 4.0
 
 
 @dataclass(frozen=True)
@@ -114,8 +124,10 @@ class SearchSpace:
     """Rank dimensions over the searched layers plus the method's own dimensions.
 
     ``rank_mode`` is ``fraction`` (a rank is a fraction of the layer's largest useful rank),
-    ``int`` (the rank itself), or ``none`` for in-loop selectors, whose layers keep the ranks
-    given in ``slots`` as starting ranks and are not searched.
+    ``scaled`` (the fraction is ``rank.scale`` times the rank dimension's multiplier, see
+    :data:`SCALED`), ``int`` (the rank itself), or ``none`` for in-loop selectors, whose
+    layers keep the ranks given in ``slots`` as starting ranks and are not searched.
+    ``floors`` holds, in ``scaled`` mode, each multiplier dimension's smallest fraction.
     """
 
     method: str
@@ -123,6 +135,7 @@ class SearchSpace:
     slots: tuple[LayerSlot, ...]
     dimensions: tuple[Dimension, ...]
     fixed: Mapping[str, object] = field(default_factory=dict)
+    floors: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def searched(self) -> tuple[Dimension, ...]:
@@ -146,8 +159,8 @@ class SearchSpace:
             if self.rank_mode == "none":
                 ranks = upper
             else:
-                raw = [config[name] for name in slot.dims[: len(upper)]]
-                if self.rank_mode == "fraction":
+                raw = [self.fraction(config, name) for name in slot.dims[: len(upper)]]
+                if self.rank_mode in ("fraction", SCALED):
                     ranks = [
                         max(1, math.ceil(float(f) * u)) for f, u in zip(raw, upper, strict=True)
                     ]
@@ -157,19 +170,32 @@ class SearchSpace:
             layers.append((slot.info.name, LayerRanks(template.format, ranks, template.modes)))
         return RankTable(layers)
 
+    def fraction(self, config: Mapping[str, object], name: str) -> object:
+        """The value of rank dimension ``name`` in ``config``: in ``scaled`` mode the fraction
+        its multiplier and ``rank.scale`` give, clipped to [its smallest fraction, 1]; in the
+        other modes the config's own value."""
+        if name not in self.floors:
+            return config[name]
+        value = float(config[SCALE_DIM]) * float(config[name])
+        return min(1.0, max(self.floors[name], value))
+
     def hyperparameters(self, config: Mapping[str, object]) -> dict[str, object]:
         """The method's own values of a trial's config (everything that is not a rank)."""
-        rank_dims = {name for slot in self.slots for name in slot.dims}
+        rank_dims = {name for slot in self.slots for name in slot.dims} | {SCALE_DIM}
         return {k: v for k, v in config.items() if k not in rank_dims}
 
     def uniform_config(self, fraction: float) -> dict[str, object]:
         """A config with every rank at ``fraction`` of its upper bound and every method
         dimension at its midpoint (geometric for log scales): the informed starting points."""
         config: dict[str, object] = {}
+        if self.floors:
+            config[SCALE_DIM] = fraction
         for slot in self.slots:
             for k, name in enumerate(slot.dims):
                 upper = slot.upper[min(k, len(slot.upper) - 1)]  # auto: more dims than ranks
-                if self.rank_mode == "fraction":
+                if name in self.floors:
+                    config[name] = 1.0  # the multiplier: every layer at ``fraction``
+                elif self.rank_mode in ("fraction", SCALED):
                     config[name] = fraction
                 elif self.rank_mode == "int":
                     config[name] = max(1, round(fraction * upper))
