@@ -401,20 +401,26 @@ def _init_ray(config: SearchConfig) -> bool:
         configure_logging=True,
         logging_level=logging.ERROR,
     )
-    if config.address:
+    # --address, else Ray's own RAY_ADDRESS: a cluster the user named
+    address = config.address or os.environ.get("RAY_ADDRESS") or None
+    if address:
         try:
             # a cluster's workers take the environment of the `ray start` that made their
             # node (set MALLOC_ARENA_MAX=2 there); a job-level runtime_env is left out here
-            ray.init(address=config.address, **kwargs)
+            ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise UserError(
-                f"cannot connect to the Ray cluster at {config.address}: {str(err).splitlines()[0]}"
+                f"cannot connect to the Ray cluster at {address}"
+                f"{'' if config.address else ' (RAY_ADDRESS)'}: {str(err).splitlines()[0]}"
             ) from None
     else:
         # trials import the user's model module: give workers the driver's import path
         paths = [os.getcwd(), *[p for p in sys.path if p]]
         env = {"PYTHONPATH": os.pathsep.join(paths), **worker_env()}
-        ray.init(runtime_env={"env_vars": env}, **kwargs)
+        # "local": a Ray of the search's own. With no address Ray joins the cluster the last
+        # `ray start` on this machine left in /tmp/ray/ray_current_cluster (another user's
+        # cluster, or a dead one after a crash), without a word
+        ray.init(address="local", runtime_env={"env_vars": env}, **kwargs)
     for noisy in ("ray", "ray.tune", "ray.train", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     _restore_stop_signals(before)
