@@ -329,6 +329,7 @@ def read_tune_trials(directory: Path) -> list[TuneTrial]:
     started = not ray.is_initialized()
     if started:
         ray.init(
+            address="local",  # not a cluster a `ray start` left on the machine (see run.py)
             num_cpus=1,
             include_dashboard=False,
             log_to_driver=False,
