@@ -181,6 +181,11 @@ def start_ui(tracker: Tracker, host: str, port: int, name: str | None = None) ->
         host,
         "--port",
         str(port),
+        # one server process: MLflow's default of 4 each import MLflow and open the store
+        # before the first page answers (14-32 s against 42-49 s on 2 cores under load,
+        # docs/BENCHMARKS.md), and one user's browser does not need them
+        "--workers",
+        "1",
     ]
     return run_child(command)
 
