@@ -7,7 +7,9 @@ and MARS's fine-tuning epoch count in it, so that no method gets more training t
 Each search tunes the method's own knobs (ρ, κ, π, α, θ) instead of fixing them. Beside them:
 the one-shot allocation + fine-tuning (the ranks ``tdsearch allocate`` gives at a sweep of
 sizes, fine-tuned for the same epochs), and MARS and adaptive Tucker as single runs at fixed
-knobs (the in-loop selectors' promise is one run instead of a search).
+knobs (the in-loop selectors' promise is one run instead of a search), and decompose in the
+formats of the methods that do not use TT convs + SVD linears (TT-matrix linears as ADMM-TT,
+Tucker-2 convs as ADMM-Tucker and adaptive Tucker), so each claim is read at equal format.
 
 Reported per method: hypervolume of (validation accuracy, log10 params) and (accuracy, log10
 MACs), the best compression within 0.5 and 1.0 *test* accuracy points of the dense model, the
@@ -50,6 +52,14 @@ def method_arms(epochs: int, allocated: int) -> dict[str, list[str]]:
         "cepd": ["--method", "cepd", *split, "-o", "rho=1e-4,1e-1"],
         "mars": ["--method", "mars", "--epochs", str(epochs - 1), "-o", "fine_tune_epochs=1"],
         "adaptive-tucker": ["--method", "adaptive-tucker", "--epochs", str(epochs)],
+        # decompose + fine-tune in the formats of the methods that do not use TT + SVD, so
+        # that each paper's claim is read against the plain method in its own space
+        "decompose-tt-matrix": [
+            *("--method", "decompose", "--epochs", str(epochs), "--linear-format", "tt-matrix"),
+        ],
+        "decompose-tucker2": [
+            *("--method", "decompose", "--epochs", str(epochs), "--format", "tucker2"),
+        ],
         f"allocated{allocated}": [
             *("--method", "decompose", "--epochs", str(epochs), "--sampler", "random"),
             *("--initial-trials", str(allocated), "--initial-ranks", "allocated"),
