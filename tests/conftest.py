@@ -161,3 +161,14 @@ def digits_search(tmp_path_factory) -> dict:
         "children": children,
         "config": config,
     }
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    """An untrained LeNet-5 (seed 0) and its decomposable layers, for space and start tests."""
+    from tdsearch.models import build_model
+    from tdsearch.tensor import decomposable_layers
+
+    torch.manual_seed(0)
+    model = build_model("lenet5", (1, 28, 28), 10)
+    return model, decomposable_layers(model, (1, 28, 28))

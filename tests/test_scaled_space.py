@@ -18,13 +18,6 @@ from tdsearch.tensor.compress import factorized_weight_params
 
 
 @pytest.fixture(scope="module")
-def lenet():
-    torch.manual_seed(0)
-    model = build_model("lenet5", (1, 28, 28), 10)
-    return model, decomposable_layers(model, (1, 28, 28))
-
-
-@pytest.fixture(scope="module")
 def resnet20():
     torch.manual_seed(0)
     model = build_model("resnet20", (1, 28, 28), 10)

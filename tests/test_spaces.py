@@ -16,13 +16,6 @@ from tdsearch.spaces import build_space
 from tdsearch.tensor import compress, count_params, decomposable_layers
 
 
-@pytest.fixture(scope="module")
-def lenet():
-    torch.manual_seed(0)
-    model = build_model("lenet5", (1, 28, 28), 10)
-    return model, decomposable_layers(model, (1, 28, 28))
-
-
 def test_each_layer_gets_a_format_dimension_over_what_applies_to_it(lenet):
     _, layers = lenet
     space = build_space(layers, method="decompose", conv_format="auto")

@@ -20,7 +20,7 @@ from torch import nn
 from tdsearch.allocation import ALLOCATABLE, Choice, allocate, can_allocate, error_curves
 from tdsearch.config import INITIAL_RANKS
 from tdsearch.errors import UserError
-from tdsearch.spaces import SCALE_DIM, SCALED, LayerSlot, SearchSpace
+from tdsearch.spaces import SCALE_DIM, LayerSlot, SearchSpace
 from tdsearch.tensor import count_params
 from tdsearch.tensor.compress import factorized_weight_params
 
@@ -96,7 +96,7 @@ def _within_space(space: SearchSpace, slot: LayerSlot, curve: Sequence[Choice]) 
     dims = {d.name: d for d in space.dimensions}
     lowest = [
         max(1, math.ceil(space.floors.get(name, dims[name].low) * upper))
-        if space.rank_mode in ("fraction", SCALED)
+        if space.ranks_as_fractions
         else 1
         for name, upper in zip(slot.dims[: len(slot.upper)], slot.upper, strict=True)
     ]
@@ -129,7 +129,7 @@ def _allocated(
         chosen = allocation.table[slot.info.name].ranks
         for name, rank, upper in zip(slot.dims[: len(slot.upper)], chosen, slot.upper, strict=True):
             # a fraction f gives the rank ceil(f * upper): (r - 1/2) / upper gives r exactly
-            value = (rank - 0.5) / upper if space.rank_mode in ("fraction", SCALED) else rank
+            value = (rank - 0.5) / upper if space.ranks_as_fractions else rank
             values.setdefault(name, []).append(value)
     dims = {d.name: d for d in space.dimensions}
     config = dict(uniform)

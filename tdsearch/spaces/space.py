@@ -17,9 +17,10 @@ from tdsearch.tensor import LayerInfo, LayerRanks, RankTable, feasible_ranks
 #: dimension a multiplier of it within [1 / SCALE_SPREAD, SCALE_SPREAD] (log-scaled); a layer's
 #: fraction is ``rank.scale`` times its multiplier, clipped to [its smallest fraction, 1].
 #: Why: with one independent fraction per layer, the model's size is a sum of many independent
-#: terms and concentrates (TPE's own trials on ResNet-20, 10 tied dimensions, all fell between
-#: 3.2x and 4.9x, docs/BENCHMARKS.md); one size dimension lets the sampler reach the near-dense
-#: and the far end as easily as the middle, and the multipliers still shape the allocation.
+#: terms and concentrates (TPE's own trials on ResNet-20, 18 tied rank dimensions, all fell
+#: between 3.2x and 4.9x, docs/BENCHMARKS.md); one size dimension lets the sampler reach the
+#: near-dense and the far end as easily as the middle, and the multipliers still shape the
+#: allocation.
 SCALED = "scaled"
 RANK_MODES = ("fraction", SCALED, "int")
 SCALE_DIM = "rank.scale"
@@ -138,6 +139,12 @@ class SearchSpace:
     floors: Mapping[str, float] = field(default_factory=dict)
 
     @property
+    def ranks_as_fractions(self) -> bool:
+        """Rank dimensions read as fractions of each layer's largest useful rank (``fraction``
+        and ``scaled``), not as ranks (``int``) or not searched (``none``)."""
+        return self.rank_mode in ("fraction", SCALED)
+
+    @property
     def searched(self) -> tuple[Dimension, ...]:
         return tuple(d for d in self.dimensions if not d.fixed)
 
@@ -160,7 +167,7 @@ class SearchSpace:
                 ranks = upper
             else:
                 raw = [self.fraction(config, name) for name in slot.dims[: len(upper)]]
-                if self.rank_mode in ("fraction", SCALED):
+                if self.ranks_as_fractions:
                     ranks = [
                         max(1, math.ceil(float(f) * u)) for f, u in zip(raw, upper, strict=True)
                     ]
@@ -195,7 +202,7 @@ class SearchSpace:
                 upper = slot.upper[min(k, len(slot.upper) - 1)]  # auto: more dims than ranks
                 if name in self.floors:
                     config[name] = 1.0  # the multiplier: every layer at ``fraction``
-                elif self.rank_mode in ("fraction", SCALED):
+                elif self.ranks_as_fractions:
                     config[name] = fraction
                 elif self.rank_mode == "int":
                     config[name] = max(1, round(fraction * upper))
