@@ -157,8 +157,16 @@ def release_freed_memory() -> None:
     previous copies and tensors, and a worker's RSS grew by ~95 MB a trial on Fashion-MNIST
     (766 → 1,429 MB after 8 trials); trimming the heap first kept it to 849 MB.
     A no-op where glibc is not the C library.
+
+    The first call in a process also freezes what is alive then (``gc.freeze()``): the
+    modules of torch, Ray, MLflow and the rest, some 370k objects that every full collection
+    walked again, 0.32 s before every trial of the default search (docs/BENCHMARKS.md, "Before
+    and after, in one sitting"). Frozen objects are still freed by reference counting, as a
+    task copy is (it holds no reference cycle); only the cycle collector skips them.
     """
     gc.collect()
+    if not gc.get_freeze_count():
+        gc.freeze()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
