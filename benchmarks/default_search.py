@@ -5,7 +5,7 @@ training + evaluation time, and the share of the wall that is neither.
 Each source tree runs in this environment with ``PYTHONPATH`` pointing at it (Ray's workers
 inherit it), so an earlier commit is measured as ``git worktree add /tmp/before <commit>``
 and ``--source before=/tmp/before``. Each tree first trains (or loads) its cached baseline,
-outside the timed run. "Not training" = 1 − Σ (trial_seconds − report_seconds) / wall, as in
+outside the timed run. "Not training" = 1 − Σ (trial_seconds − report_seconds) / wall, from
 ``benchmarks/overhead.py``; wall is the whole command, imports included.
 
     python benchmarks/default_search.py --source before=/tmp/before --source after=.
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from tdsearch.mlflow.tracking import Tracker
+from overhead import not_training_share, search_trials, training_seconds
 
 
 def run(out: Path, label: str, source: Path, budget: int) -> dict[str, float]:
@@ -41,14 +41,8 @@ def run(out: Path, label: str, source: Path, budget: int) -> dict[str, float]:
     start = time.monotonic()
     subprocess.run(command, cwd=workdir, env=env, check=True, stdout=subprocess.DEVNULL)
     wall = time.monotonic() - start
-    tracker = Tracker(f"sqlite:///{workdir}/mlflow.db", "tdsearch")
-    tracker.connect()
-    frame = tracker.trials_frame(tracker.find_searches(name)[0].info.run_id)
-    return {
-        "wall": wall,
-        "train": float((frame["trial_seconds"] - frame["report_seconds"]).sum()),
-        "trials": len(frame),
-    }
+    frame = search_trials(workdir / "mlflow.db", name)
+    return {"wall": wall, "train": training_seconds(frame), "trials": len(frame)}
 
 
 def main() -> None:
@@ -74,7 +68,7 @@ def main() -> None:
     print("| source | trials | wall (s) | trials' training + eval (s) | not training |")
     print("|---|---|---|---|---|")
     for label, r in results.items():
-        share = max(0.0, 1 - r["train"] / r["wall"])
+        share = not_training_share(r["train"], r["wall"])
         print(
             f"| {label} | {r['trials']} | {r['wall']:.0f} | {r['train']:.0f} | {100 * share:.1f}% |"
         )

@@ -20,9 +20,28 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import psutil
 
 from tdsearch.mlflow.tracking import Tracker
+
+
+def search_trials(db: Path, name: str) -> pd.DataFrame:
+    """The trials of the search ``name`` in the SQLite tracking store ``db``."""
+    tracker = Tracker(f"sqlite:///{db}", "tdsearch")
+    tracker.connect()
+    return tracker.trials_frame(tracker.find_searches(name)[0].info.run_id)
+
+
+def training_seconds(trials: pd.DataFrame) -> float:
+    """The trials' own training + evaluation time: their wall time less reporting."""
+    return float((trials["trial_seconds"] - trials["report_seconds"]).sum())
+
+
+def not_training_share(train: float, wall: float, concurrency: int = 1) -> float:
+    """The share of a search's wall time that is not its trials' training (trials overlap at
+    ``concurrency``)."""
+    return max(0.0, 1 - train / concurrency / wall)
 
 
 def run(out: Path, name: str, budget: int, concurrency: int, extra: list[str]) -> dict:
@@ -61,13 +80,10 @@ def run(out: Path, name: str, budget: int, concurrency: int, extra: list[str]) -
     wall = time.monotonic() - start
     if process.returncode != 0:
         raise RuntimeError(f"{name} failed: {process.stderr.read()[-2000:]}")
-    tracker = Tracker(f"sqlite:///{out}/bench.db", "tdsearch")
-    tracker.connect()
-    frame = tracker.trials_frame(tracker.find_searches(name)[0].info.run_id)
-    train = float((frame["trial_seconds"] - frame["report_seconds"]).sum())
+    frame = search_trials(out / "bench.db", name)
     return {
         "wall": wall,
-        "train": train,
+        "train": training_seconds(frame),
         "report": float(frame["report_seconds"].sum()),
         "driver_mb": peak / 2**20,
         "trial_mb": float(frame["peak_rss_mb"].max()),
@@ -112,8 +128,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for (c, workers), r in results.items():
-        busy = r["train"] / c  # trials overlap at concurrency c
-        share = max(0.0, 1 - busy / r["wall"])
+        share = not_training_share(r["train"], r["wall"], c)
         print(
             f"| {c} | {workers} | {r['wall']:.0f} | {r['train']:.0f} | {r['report']:.1f} | "
             f"{100 * share:.1f}% | {3600 * r['trials'] / r['wall']:.0f} | "
