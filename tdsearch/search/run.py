@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -69,6 +70,22 @@ def trial_dirname(trial) -> str:
     """``trial_0007_<id>``: Ray's default puts the whole config in the directory name, which
     outgrows file-name limits on models with many layers."""
     return f"trial_{trial_number(trial):04d}_{trial.trial_id}"
+
+
+def remove_lost_trial_folders(directory: Path, kept: set[str]) -> int:
+    """Delete the ``trial_*`` folders in ``directory`` that are not in ``kept`` and return
+    how many there were.
+
+    Ray Tune saves its experiment state every 2 s (``RAY_ENVIRONMENT``): a trial the driver
+    started in the last moments before a SIGKILL has a folder but no place in the saved state,
+    and the resumed search does not know it. The trial had not finished (its last report
+    forces a save), so the folder holds only its cut-off start; left there, the folders no
+    longer match the search's trials. Its MLflow run stays, marked KILLED on resume.
+    """
+    lost = [p for p in directory.glob("trial_*") if p.is_dir() and p.name not in kept]
+    for folder in lost:
+        shutil.rmtree(folder, ignore_errors=True)
+    return len(lost)
 
 
 def prepare(
@@ -222,6 +239,13 @@ def run_search(config: SearchConfig, log: Callable[[str], None] = print) -> Sear
         with _new_trials_follow_the_folder(directory if resuming else None):
             grid = tuner.fit()
         elapsed = time.monotonic() - start
+        if resuming:
+            lost = remove_lost_trial_folders(directory, {Path(r.path).name for r in grid})
+            if lost:
+                log(
+                    f"removed {lost} folder(s) of trials the killed driver had started after "
+                    "its last saved state; none had finished"
+                )
         ended = grid.num_terminated + grid.num_errors
     except BaseException:
         # a second Ctrl-C or an error of tdsearch itself: leave nothing RUNNING in MLflow and

@@ -120,6 +120,11 @@ def test_a_driver_killed_with_sigkill_resumes_without_losing_or_repeating_trials
     wait_for(lambda: len(finished(search_runs(workdir)[2])) >= 2)
     _, _, before = search_runs(workdir)
     done_before = {c.data.tags["tdsearch.trial_id"]: c for c in finished(before)}
+    # Kill as soon as the next trial has a folder: within Tune's 2 s between saves of its
+    # experiment state, so the saved state often lacks that trial (the hardest case to resume).
+    folders = workdir / "tdsearch-runs" / "crash"
+    seen = set(folders.glob("trial_*"))
+    wait_for(lambda: set(folders.glob("trial_*")) - seen, timeout=300, every=0.05)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray processes it started
     driver.wait()
 
@@ -576,3 +581,22 @@ def test_a_stop_signal_to_the_driver_alone_stops_cleanly_and_leaves_no_ray_behin
     assert not [c for c in children if c.info.status == "RUNNING"]
     _, alive = psutil.wait_procs(started, timeout=60)
     assert not alive, [p.name() for p in alive]
+
+
+def test_a_resume_removes_only_the_folders_of_trials_its_saved_state_lost(tmp_path):
+    from tdsearch.search.run import remove_lost_trial_folders
+
+    for name in ("trial_0001_aaaa", "trial_0006_bbbb", "trial_0006_cccc", "other"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "params.json").write_text("{}")
+    (tmp_path / "trial_0002_dddd.json").write_text("{}")  # a file, not a trial folder
+
+    kept = {"trial_0001_aaaa", "trial_0006_cccc"}
+    assert remove_lost_trial_folders(tmp_path, kept) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "other",
+        "trial_0001_aaaa",
+        "trial_0002_dddd.json",
+        "trial_0006_cccc",
+    ]
+    assert remove_lost_trial_folders(tmp_path, kept) == 0
