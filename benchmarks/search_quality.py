@@ -69,6 +69,13 @@ ARMS = {
         "tpe-scaled",
         ["--sampler", "tpe", "--rank-mode", "scaled"],
     ),
+    "tdsearch TPE, one size dimension + 6 uniform starts": (
+        "tpe-scaled-starts",
+        [
+            *("--sampler", "tpe", "--rank-mode", "scaled"),
+            *("--initial-trials", "6", "--initial-ranks", "uniform"),
+        ],
+    ),
     "tdsearch NSGA-II": ("nsga2", ["--sampler", "nsga2", *FLOOR]),
     "tdsearch TPE, --format auto": ("auto", ["--sampler", "tpe", "--format", "auto", *FLOOR]),
     "random search": ("random", ["--sampler", "random", *FLOOR]),
