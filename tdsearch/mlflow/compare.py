@@ -73,6 +73,15 @@ def format_joint_front(front: pd.DataFrame, score: Score = ACCURACY) -> str:
     return format_table(rows, ["search", "trial", name, "params", "compress", "MACs"])
 
 
+def search_colours(count: int) -> list[tuple[float, float, float]]:
+    """One colour per search: matplotlib's 10-colour cycle, or tab20 past 10 searches (the
+    cycle would give an 11th search the first one's colour); past 20 they repeat."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10" if count <= 10 else "tab20"].colors
+    return [palette[k % len(palette)] for k in range(count)]
+
+
 def plot_fronts(
     trials: pd.DataFrame, joint: pd.DataFrame, path: Path, score: Score = ACCURACY
 ) -> list[Path]:
@@ -83,18 +92,20 @@ def plot_fronts(
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
+    searches = trials.groupby("search", sort=False)
+    colours = search_colours(len(searches))
     for ax, cost in zip(axes, ("params", "macs"), strict=True):
-        for k, (name, group) in enumerate(trials.groupby("search", sort=False)):
+        for colour, (name, group) in zip(colours, searches, strict=True):
             front = front_frame(group, ["accuracy", cost], score).sort_values(cost)
-            ax.scatter(group[cost], group[score.column], s=10, color=f"C{k}", alpha=0.3)
+            ax.scatter(group[cost], group[score.column], s=10, color=colour, alpha=0.3)
             ax.step(
                 front[cost],
                 front[score.column],
                 where="post",
-                color=f"C{k}",
+                color=colour,
                 label=f"{name} ({len(group)} trial{'s' * (len(group) != 1)})",
             )
-            ax.scatter(front[cost], front[score.column], s=28, color=f"C{k}")
+            ax.scatter(front[cost], front[score.column], s=28, color=colour)
         ax.scatter(
             joint[cost],
             joint[score.column],
