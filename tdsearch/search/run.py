@@ -240,7 +240,7 @@ def run_search(config: SearchConfig, log: Callable[[str], None] = print) -> Sear
             grid = tuner.fit()
         elapsed = time.monotonic() - start
         if resuming:
-            lost = remove_lost_trial_folders(directory, {Path(r.path).name for r in grid})
+            lost = remove_lost_trial_folders(directory, {Path(r.path).name for r in grid if r.path})
             if lost:
                 log(
                     f"removed {lost} folder(s) of trials the killed driver had started after "
