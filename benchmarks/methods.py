@@ -156,13 +156,12 @@ def main() -> None:
 
     names = list(budgets)
     baseline = same_baseline(tracker, names)
+    frames = {name: trials_of(tracker, name) for name in names}
+    # a stored search of a larger budget counts its first trials only
+    frames = {name: f[f["trial"] <= budgets[name]] for name, f in frames.items()}
+    decompose_seconds = trial_seconds(frames["decompose"]) if "decompose" in frames else math.nan
     rows = []
-    decompose_seconds = math.nan
-    for name in names:
-        frame = trials_of(tracker, name)
-        frame = frame[frame["trial"] <= budgets[name]]  # a stored search of a larger budget
-        if name == "decompose":
-            decompose_seconds = trial_seconds(frame)
+    for name, frame in frames.items():
         rows.append(
             {
                 "method": name,
