@@ -389,52 +389,31 @@ class Search:
             self._name, self.config.storage_path, self.config.tracking_uri, log=self._log
         )
 
-    #: settings that may differ between runs of one search (where and how it runs)
-    RUN_SETTINGS = frozenset(
-        {
-            "budget",
-            "concurrency",
-            "cpus_per_trial",
-            "gpus_per_trial",
-            "address",
-            "fresh_workers",
-            "max_failures",
-            "name",
-            "storage",
-            "tracking_uri",
-            "experiment",
-            "resume",
-            "cache_dir",
-        }
-    )
-
     def _check_same_search(self, config: SearchConfig, requested: set[str]) -> None:
         """Refuse to resume a stored search with other settings or another model: its trials
         would be mixed with a different search's baseline (what the CLI's ``--name`` refuses
         too); say when a finished search keeps its budget."""
-        from tdsearch.search.store import SearchState
+        from tdsearch.search.store import SearchState, changed_settings, kept_settings_note
 
         state = SearchState.load(config.storage_path / self._name)
         current = config.to_dict()
         where = f"a search named {self._name!r} already exists in {config.storage_path}"
-        for key in sorted((self._explicit | requested) - self.RUN_SETTINGS):
-            stored = state.config.get(key)
-            if stored is not None and current.get(key) != stored:
-                raise UserError(
-                    f"{where} with {key} {stored!r}, not {current.get(key)!r}; choose another "
-                    f"name, or pass the same {key} to resume it"
-                )
+        changed = changed_settings(state, current, self._explicit | requested)
+        if changed:
+            key, stored, given = changed[0]
+            raise UserError(
+                f"{where} with {key} {stored!r}, not {given!r}; choose another name, or pass "
+                f"the same {key} to resume it"
+            )
         fingerprint = config.task.model_source.fingerprint()
         if state.model_fingerprint and fingerprint != state.model_fingerprint:
             raise UserError(
                 f"{where} with another model ({state.model_fingerprint}, not {fingerprint}); "
                 "choose another name"
             )
-        if "budget" in requested and state.config.get("budget") != config.budget:
-            self._log(
-                f"search {self._name} keeps its budget of {state.config.get('budget')} trials "
-                f"(not {config.budget}); a longer search needs a new name"
-            )
+        note = kept_settings_note(state, current, requested)
+        if note:
+            self._log(note)
 
     # --- reading back -------------------------------------------------------------------------
 

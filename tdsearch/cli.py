@@ -385,12 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: ``tdsearch search`` arguments that are not SearchConfig settings as they stand
+_NOT_SETTINGS = frozenset({"config", "command", "handler", "options", "rank_bounds", "resume"})
+
+
 def search_config(args: argparse.Namespace):
     """The SearchConfig of ``tdsearch search`` flags (and --config file)."""
     from tdsearch.config import SearchConfig
 
-    skip = {"config", "command", "handler", "options", "rank_bounds", "resume"}
-    overrides = {k: v for k, v in vars(args).items() if k not in skip}
+    overrides = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
     if args.options:
         overrides["options"] = dict(args.options)
     if args.rank_bounds:
@@ -404,12 +407,24 @@ def search_config(args: argparse.Namespace):
     return SearchConfig.from_sources(args.config, overrides)
 
 
+def requested_settings(args: argparse.Namespace) -> set[str]:
+    """The settings the user gave (flags and --config keys), not defaults: the ones a resumed
+    search must share with the stored one."""
+    from tdsearch.config import read_config_file
+
+    given = {k for k, v in vars(args).items() if v is not None and k not in _NOT_SETTINGS}
+    given |= {k for k in ("options", "rank_bounds") if getattr(args, k)}
+    if args.config:
+        given |= {str(k).replace("-", "_") for k in read_config_file(Path(args.config))}
+    return given
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     from tdsearch.search import SearchFailed, run_search
 
     config = search_config(args)
     try:
-        outcome = run_search(config)
+        outcome = run_search(config, requested=requested_settings(args))
     except SearchFailed as err:
         print(f"tdsearch: {err}", file=sys.stderr)
         return 1

@@ -385,7 +385,7 @@ class SearchConfig:
         are ignored); validated."""
         values: dict[str, Any] = {}
         if path is not None:
-            values.update(_read_yaml(Path(path)))
+            values.update(read_config_file(Path(path)))
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
         return cls.from_mapping(values)
 
@@ -516,7 +516,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings a YAML config file holds (keys as written); UserError when it is missing,
+    unreadable, does not parse or is not a mapping."""
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
     try:

@@ -216,6 +216,9 @@ def test_optimize_again_resumes_the_same_search(searched):
     before = len(search.trials)
     search.optimize()  # the name exists: resumed, nothing left to run, no duplicate runs
     assert search.name == "tiny" and len(search.trials) == before
+    search.optimize(budget=5)  # a finished search keeps its budget, and says so
+    assert len(search.trials) == before
+    assert any("search tiny keeps its stored budget 3 (not 5)" in line for line in searched["log"])
 
 
 def mse(model, loader) -> float:

@@ -130,3 +130,56 @@ def test_a_flag_must_be_spelled_out(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["--epoch", "1", "--storage", str(tmp_path / "runs")]) == 2  # not --epochs
     assert "unrecognized arguments: --epoch" in capsys.readouterr().err
+
+
+def _stored_search(storage, name: str, **settings) -> None:
+    """A search's state file as a finished search leaves it (no trials needed to resume-check)."""
+    from tdsearch.config import SearchConfig
+    from tdsearch.search.store import SearchState
+
+    config = SearchConfig.from_sources(None, {"name": name, "storage": str(storage), **settings})
+    (storage / name).mkdir(parents=True)
+    SearchState(
+        name=name,
+        config=config.to_dict(),
+        tracking_uri=f"sqlite:///{storage}/mlflow.db",
+        experiment_id="0",
+        parent_run_id="0",
+        status="finished",
+    ).save(storage / name)
+
+
+def test_resume_refuses_a_flag_that_differs_from_the_stored_search(tmp_path, capsys):
+    """`tdsearch --resume NAME --epochs 3` on a search run with 2 epochs would mix two searches'
+    trials: one line, exit 2, before anything runs (the stored search stays as it was)."""
+    storage = tmp_path / "runs"
+    _stored_search(storage, "s", epochs=2, format="tt")
+    before = (storage / "s" / "tdsearch.json").read_bytes()
+    for flags, message in [
+        (["--epochs", "3"], "search s was run with --epochs 2, not 3"),
+        (["--format", "tucker2"], "search s was run with --format tt, not tucker2"),
+    ]:
+        assert main(["--resume", "s", "--storage", str(storage), *flags]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], lines
+    assert (storage / "s" / "tdsearch.json").read_bytes() == before
+
+
+def test_resume_with_another_budget_says_the_stored_one_is_kept(tmp_path):
+    from tdsearch.cli import build_parser, requested_settings, search_config
+    from tdsearch.search.run import prepare
+
+    storage = tmp_path / "runs"
+    _stored_search(storage, "s", budget=2, epochs=2)
+    (storage / "mlflow.db").touch()  # where the stored search's MLflow store lies
+    args = build_parser().parse_args(
+        ["search", "--resume", "s", "--storage", str(storage), "--budget", "3", "--epochs", "2"]
+    )
+    lines: list[str] = []
+    config, name, resuming, _, _ = prepare(
+        search_config(args), lines.append, requested_settings(args)
+    )
+    assert (name, resuming, config.budget) == ("s", True, 2)
+    assert lines[0:1] == [
+        "search s keeps its stored budget 2 (not 3); a longer or different search needs a new name"
+    ]

@@ -12,7 +12,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -29,7 +29,9 @@ from tdsearch.search.finish import SearchOutcome, finish_parent, print_summary
 from tdsearch.search.starts import describe_starts, initial_points
 from tdsearch.search.store import (
     SearchState,
+    changed_settings,
     default_name,
+    kept_settings_note,
     locate_store,
     resolve_name,
     store_relative,
@@ -89,16 +91,30 @@ def remove_lost_trial_folders(directory: Path, kept: set[str]) -> int:
 
 
 def prepare(
-    config: SearchConfig, log: Callable[[str], None] = print
+    config: SearchConfig, log: Callable[[str], None] = print, requested: Iterable[str] = ()
 ) -> tuple[SearchConfig, str, bool, Tracker, SearchState | None]:
     """The search's name (never an earlier search's), the stored config of a resumed search,
-    and its tracker (not yet connected)."""
+    and its tracker (not yet connected). A resumed search refuses the ``requested`` settings
+    (the flags a user gave) that differ from its stored ones, and says when it keeps its
+    budget."""
     storage = config.storage_path
     base = default_name(config.model_label, config.dataset_label, config.space.method_name)
     name, resuming = resolve_name(storage, config.name, base, config.resume)
     state = None
     if resuming:
         state = SearchState.load(storage / name)
+        requested = set(requested) - set(state.python_objects)
+        changed = changed_settings(state, config.to_dict(), requested)
+        if changed:
+            key, stored, given = changed[0]
+            flag = "--" + key.replace("_", "-")
+            raise UserError(
+                f"search {name} was run with {flag} {stored}, not {given}; resume it with the "
+                f"same {flag} (or without it), or give a new --name for a new search"
+            )
+        note = kept_settings_note(state, config.to_dict(), requested)
+        if note:
+            log(note)
         # Settings that shape the search come from the stored config; where it runs may change.
         # Objects given from Python (a model, a dataset, a metric) are not in the file: the
         # caller passes them again.
@@ -170,15 +186,18 @@ def build_search_space(
     )
 
 
-def run_search(config: SearchConfig, log: Callable[[str], None] = print) -> SearchOutcome:
-    """Run (or resume) the search ``config`` describes and return its outcome.
+def run_search(
+    config: SearchConfig, log: Callable[[str], None] = print, requested: Iterable[str] = ()
+) -> SearchOutcome:
+    """Run (or resume) the search ``config`` describes and return its outcome. ``requested``:
+    the settings the user gave (not defaults), which a resumed search must share.
 
     Raises:
         UserError: bad input, found in seconds before the tracking store is touched or a
             baseline trains: names, data, model, weights, ranks, the store itself.
         SearchFailed: every trial failed (the first error is quoted).
     """
-    config, name, resuming, tracker, state = prepare(config, log)
+    config, name, resuming, tracker, state = prepare(config, log, requested)
     trainer = config.space.trainer
     spec = config.task_spec()
     opened = open_task(spec)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,63 @@ class SearchState:
             raise UserError(
                 f"{path} is missing or unreadable ({err}); the search cannot be resumed"
             ) from None
+
+
+#: settings that may differ between runs of one search: where and how it runs, not what it
+#: searches (a resumed search keeps its stored budget; the others apply to the new run)
+RUN_SETTINGS = frozenset(
+    {
+        "budget",
+        "concurrency",
+        "cpus_per_trial",
+        "gpus_per_trial",
+        "address",
+        "fresh_workers",
+        "max_failures",
+        "name",
+        "storage",
+        "tracking_uri",
+        "experiment",
+        "resume",
+        "cache_dir",
+    }
+)
+
+
+def changed_settings(
+    state: SearchState, current: Mapping[str, Any], requested: Iterable[str]
+) -> list[tuple[str, Any, Any]]:
+    """``(key, stored, given)`` for each setting in ``requested`` that differs from the one
+    the stored search ran with, run settings aside: resuming with it would mix two searches'
+    trials."""
+    changed = []
+    for key in sorted(set(requested) - RUN_SETTINGS):
+        stored = state.config.get(key)
+        if stored is not None and current.get(key) != stored:
+            changed.append((key, stored, current.get(key)))
+    return changed
+
+
+#: the run settings a resumed search takes from where it is now; it keeps the stored others
+APPLIED_ON_RESUME = frozenset({"address", "storage", "tracking_uri", "name", "resume"})
+
+
+def kept_settings_note(
+    state: SearchState, current: Mapping[str, Any], requested: Iterable[str]
+) -> str | None:
+    """The line that says which requested run settings a resumed search does not take (it
+    keeps its stored budget, concurrency ...), or None when it takes them all."""
+    kept = [
+        f"{key} {state.config.get(key)} (not {current.get(key)})"
+        for key in sorted(set(requested) & (RUN_SETTINGS - APPLIED_ON_RESUME))
+        if key in state.config and current.get(key) != state.config.get(key)
+    ]
+    if not kept:
+        return None
+    return (
+        f"search {state.name} keeps its stored {', '.join(kept)}; a longer or different search "
+        "needs a new name"
+    )
 
 
 def default_name(model: str, dataset: str, method: str) -> str:
