@@ -492,6 +492,12 @@ class Search:
         state, tracker = self._stored()
         return tracker.client.get_run(state.parent_run_id)
 
+    @property
+    def missing_objects(self) -> frozenset[str]:
+        """The settings a loaded search was started with as Python objects and was not given
+        again (e.g. ``{"model"}``): what rebuilding its models or resuming it needs."""
+        return frozenset(self._missing)
+
     def _task_shape(self) -> tuple[tuple[int, ...], int | None]:
         if self._outcome is not None and self._outcome.task is not None:
             task = self._outcome.task

@@ -66,13 +66,14 @@ def _add_task_options(p: argparse.ArgumentParser, *, defaults: bool = True) -> N
     g.add_argument(
         "--model",
         default="lenet5" if defaults else None,
-        help="lenet5, resnet20, resnet32, resnet56 or package.module:factory (default: lenet5)",
+        help="lenet5, resnet20, resnet32, resnet56, text-lstm (token ids: --dataset wordnet) "
+        "or package.module:factory (default: lenet5)",
     )
     g.add_argument(
         "--dataset",
         default="fashion-mnist" if defaults else None,
-        help="fashion-mnist, mnist, cifar10, cifar100, digits, synthetic, imagefolder (with "
-        "--data-dir: one sub-folder per class) or package.module:factory returning "
+        help="fashion-mnist, mnist, cifar10, cifar100, digits, wordnet, synthetic, imagefolder "
+        "(with --data-dir: one sub-folder per class) or package.module:factory returning "
         "(train, val[, test]) datasets (default: fashion-mnist)",
     )
     g.add_argument(
@@ -97,6 +98,16 @@ def _add_task_options(p: argparse.ArgumentParser, *, defaults: bool = True) -> N
     )
     g.add_argument("--direction", help="max or min: which way --metric improves")
     g.add_argument("--loss", help="package.module:function loss(output, target) for training")
+
+
+def _add_training_subset_option(p) -> None:
+    """--max-train-samples, on every command that may train the baseline: the same value
+    finds the same cached baseline."""
+    p.add_argument(
+        "--max-train-samples",
+        type=_positive_int,
+        help="train on at most this many samples (quick searches; the baseline too)",
+    )
 
 
 def _scalar(text: str) -> object:
@@ -186,11 +197,7 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, help="learning rate of a trial's training")
     g.add_argument("--batch-size", type=_positive_int, help="batch size (128)")
     g.add_argument("--optimizer", help="adam or sgd")
-    g.add_argument(
-        "--max-train-samples",
-        type=_positive_int,
-        help="train on at most this many images (quick searches)",
-    )
+    _add_training_subset_option(g)
     g.add_argument("--baseline-epochs", type=_positive_int, help="epochs of the dense baseline")
     g = p.add_argument_group("search")
     g.add_argument("--budget", type=int, help="number of trials (50)")
@@ -375,12 +382,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune the compressed model this many epochs (the search's trial optimiser)",
     )
     p.add_argument("--lr", type=float, help="learning rate of the fine-tuning")
+    _add_training_subset_option(p)
+    p.add_argument(
+        "--baseline-epochs",
+        type=_positive_int,
+        help="epochs of the dense baseline, when it is trained (as the search's flag)",
+    )
     p.set_defaults(handler=_cmd_allocate)
 
     p = sub.add_parser("baseline", help="train (or load from cache) the dense baseline")
     _add_task_options(p)
     p.add_argument("--epochs", type=_positive_int, help="baseline training epochs")
     p.add_argument("--lr", type=float, help="baseline learning rate")
+    _add_training_subset_option(p)
     p.set_defaults(handler=_cmd_baseline)
     return parser
 
@@ -559,9 +573,17 @@ def _stored_search(args: argparse.Namespace, name: str):
     import tdsearch
 
     try:
-        return tdsearch.load_search(name, storage=args.storage, log=None)
+        search = tdsearch.load_search(name, storage=args.storage, log=None)
     except UserError as err:
         raise UserError(f"{err}; --refit-epochs needs it (set --storage)") from None
+    missing = sorted(set(search.missing_objects) & {"model", "dataset"})
+    if missing:  # found before anything is printed or written
+        raise UserError(
+            f"search {name} was started from Python with its {' and '.join(missing)} given as "
+            f"Python objects, which the command line cannot rebuild; refit it from Python: "
+            f"load_search({name!r}, {'=..., '.join(missing)}=...).select(...).refit(epochs)"
+        )
+    return search
 
 
 def _refit(args: argparse.Namespace, search, selected, checkpoint: Path) -> Path:
@@ -672,7 +694,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _task_settings(args: argparse.Namespace):
-    """The task flags of ``layers`` and ``baseline`` as the search reads them."""
+    """The task flags of ``layers``, ``allocate`` and ``baseline`` as the search reads them."""
     from tdsearch.config import TaskSettings
 
     return TaskSettings(
@@ -685,6 +707,8 @@ def _task_settings(args: argparse.Namespace):
         metric=args.metric or "accuracy",
         direction=args.direction,
         loss=args.loss,
+        max_train_samples=getattr(args, "max_train_samples", None),
+        baseline_epochs=getattr(args, "baseline_epochs", None),
     )
 
 

@@ -343,6 +343,9 @@ class SearchConfig:
             if key not in KEY_GROUP:
                 unknown.append(key)
             else:
+                if isinstance(value, str) and str(_FIELDS[key].type).startswith("list"):
+                    # layers="all" or "conv*,fc1": names as the flag and the YAML give them
+                    value = _convert(key, value, _FIELDS[key])
                 _check_type(key, value, _FIELDS[key])
                 per_group[KEY_GROUP[key]][key] = value
         if unknown:

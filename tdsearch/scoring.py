@@ -68,6 +68,26 @@ def pick_logits(output: Any) -> torch.Tensor:
     )
 
 
+def class_cross_entropy(logits: torch.Tensor, target: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``F.cross_entropy``, with a sentence instead of PyTorch's IndexError when a label has no
+    output of the model (a last layer narrower than the data's classes).
+
+    Raises:
+        UserError: a label below 0 or at least the number of outputs (``logits.shape[1]``).
+    """
+    try:
+        return F.cross_entropy(logits, target, **kwargs)
+    except IndexError:
+        outputs = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
+        low, high = int(target.min()), int(target.max())
+        bad = low if low < 0 else high
+        raise UserError(
+            f"the data has label {bad} but the model gives {outputs} class scores (labels 0 to "
+            f"{outputs - 1}): give its last layer one output per class, or pass a loss and a "
+            "metric for another kind of target"
+        ) from None
+
+
 @dataclass(frozen=True)
 class Score:
     """What "better" means for a search's models.
@@ -214,7 +234,7 @@ class Score:
     def training_loss(self, output: Any, target: Any) -> torch.Tensor:
         if self.loss is not None:
             return self.loss(output, target)
-        return F.cross_entropy(self.logits(output), target)
+        return class_cross_entropy(self.logits(output), target)
 
     def logits(self, output: Any) -> torch.Tensor:
         return self.output(output) if self.output is not None else pick_logits(output)
@@ -244,7 +264,7 @@ class Score:
                 logits = self.logits(output)
             else:
                 logits = self.logits(output)
-                loss += F.cross_entropy(logits, y, reduction="sum").item()
+                loss += class_cross_entropy(logits, y, reduction="sum").item()
             correct += int((logits.argmax(1) == y).sum())
             count += len(y)
         return correct / max(count, 1), loss / max(count, 1)

@@ -107,6 +107,26 @@ def test_bad_arguments_are_one_sentence(tmp_path, kwargs, message):
     assert isinstance(err.value, ValueError) and "\n" not in str(err.value)
 
 
+class FiveOutputs(TinyNet):
+    def __init__(self):
+        super().__init__()
+        self.out = nn.Linear(64, 5)  # the digits have 10 classes
+
+
+def test_a_model_with_fewer_outputs_than_classes_is_one_sentence(tmp_path):
+    """Found as the baseline is measured (a trained module) or trained, before any trial."""
+    search = tdsearch.create_search(
+        model=FiveOutputs().eval(),
+        data=digit_splits,
+        storage=tmp_path / "runs",
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        log=None,
+    )
+    with pytest.raises(tdsearch.UserError, match=r"but the model gives 5 class scores") as err:
+        search.optimize(budget=1)
+    assert "\n" not in str(err.value)
+
+
 def test_ambiguous_model_outputs_name_what_to_pass():
     logits = torch.zeros(2, 3)
     assert pick_logits(logits) is logits
@@ -403,3 +423,14 @@ def test_a_trainer_instance_runs_and_its_result_closes_the_trial(tmp_path):
     (record,) = search._tracker().trial_records(search._parent().info.run_id)
     assert record.status == "FINISHED" and not math.isnan(record.value("test_accuracy"))
     assert tdsearch.count_params(search.select().model) == record.value("params")
+
+
+def test_the_cli_refit_of_a_search_of_python_objects_fails_before_printing(searched, capsys):
+    from tdsearch.cli import main
+
+    root = searched["root"]
+    store = ["--storage", str(root / "runs"), "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}"]
+    assert main(["export", "--name", "tiny", "--refit-epochs", "1", *store]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # no rank table before the error
+    assert err.count("\n") == 1 and "load_search('tiny', dataset=..., model=...)" in err

@@ -183,3 +183,13 @@ def test_resume_with_another_budget_says_the_stored_one_is_kept(tmp_path):
     assert lines[0:1] == [
         "search s keeps its stored budget 2 (not 3); a longer or different search needs a new name"
     ]
+
+
+def test_allocate_reuses_the_baseline_a_quick_search_trained(tmp_path, monkeypatch, capsys):
+    """The training subset and baseline epochs of a quick search find its cached baseline."""
+    monkeypatch.chdir(tmp_path)
+    quick = ["--max-train-samples", "256", "--cache-dir", "cache"]
+    assert main(["baseline", *quick, "--epochs", "1"]) == 0
+    assert "cached at" in capsys.readouterr().out
+    assert main(["allocate", "--ratio", "4", *quick, "--baseline-epochs", "1"]) == 0
+    assert "baseline: loaded from cache" in capsys.readouterr().out

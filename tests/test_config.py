@@ -76,3 +76,11 @@ def test_workers_are_reused_unless_fresh_ones_are_asked_for(tmp_path):
     path = tmp_path / "search.yaml"
     path.write_text("fresh-workers: true\n")
     assert parsed("--config", str(path)).fresh_workers is True
+
+
+def test_layer_names_from_python_may_be_one_string_as_the_flag_takes_them():
+    config = SearchConfig(layers="all", exclude_layers="fc*, conv1")
+    assert (config.layers, config.exclude_layers) == (["all"], ["fc*", "conv1"])
+    assert SearchConfig(layers=["conv2"]).layers == ["conv2"]
+    with pytest.raises(UserError, match="setting layers: expected list"):
+        SearchConfig(layers=3)
