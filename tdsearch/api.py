@@ -151,11 +151,14 @@ def load_search(
     name: str,
     *,
     storage: str | Path = "tdsearch-runs",
+    tracking_uri: str | None = None,
     log: Callable[[str], None] | None = print,
     **objects: Any,
 ) -> Search:
     """The stored search ``name`` (started from the CLI or from Python), to read back
     (:attr:`Search.front`, :meth:`Search.select`) or resume (:meth:`Search.optimize`).
+    ``tracking_uri``: where its MLflow store is now, if not where the search recorded it (nor
+    the SQLite file at the same place relative to its folder).
 
     A search started from Python objects (a model, a data factory, a metric) recorded only
     their names: pass the objects again (``load_search("s1", model=net, dataset=splits)``)
@@ -184,6 +187,8 @@ def load_search(
         recorded["direction"] = None
     config = SearchConfig(**SearchConfig.from_mapping(recorded).groups(), **objects)
     config = config.replace(storage=str(storage))
+    if tracking_uri is not None:
+        config = config.replace(tracking_uri=tracking_uri)
     search = Search(config, log=log)
     search._name = name
     search._state = state

@@ -669,11 +669,20 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from tdsearch.mlflow.compare import compare_searches, format_joint_front, plot_fronts
+    from tdsearch.mlflow.compare import (
+        compare_searches,
+        different_datasets,
+        format_joint_front,
+        plot_fronts,
+    )
     from tdsearch.mlflow.tracking import Tracker
 
     tracker = Tracker(args.tracking_uri, args.experiment)
     output = Path(args.output)
+    if output.suffix.lower() not in (".png", ".html", ""):
+        raise UserError(
+            f"-o {args.output}: the plot is written as a .png and an .html twin; name either"
+        )
     _check_output(output, "-o", tracker.tracking_uri)
     for twin in (output.with_suffix(".png"), output.with_suffix(".html")):  # what is written
         _check_output(twin, "-o", tracker.tracking_uri)
@@ -682,6 +691,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     counts = trials.groupby("search", sort=False).size()
     sizes = (f"{name} ({n} trial{'s' * (n != 1)})" for name, n in counts.items())
     print("searches: " + ", ".join(sizes))
+    warning = different_datasets(trials)
+    if warning:
+        print(warning, file=sys.stderr)
     print(f"joint Pareto front (validation {score.name} vs params / MACs):")
     print(format_joint_front(joint, score))
     try:

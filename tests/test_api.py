@@ -390,6 +390,11 @@ def test_a_loaded_search_reads_back_and_needs_its_objects_for_the_model(searched
     )
     compact = again.select("knee").model
     assert tdsearch.count_params(compact) == choice.metrics["params"]
+    # the store's URI as create_search took it is accepted too (where the store is now)
+    uri = tdsearch.load_search(
+        "tiny", storage=root / "runs", tracking_uri=f"sqlite:///{root / 'mlflow.db'}", log=None
+    )
+    assert len(uri.trials) == len(loaded.trials)
 
 
 def test_compress_takes_a_table_as_a_dict_and_names_a_missing_layer():

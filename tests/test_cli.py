@@ -45,11 +45,12 @@ def tdsearch(*args: str, cwd=None, timeout: int = 120) -> subprocess.CompletedPr
         (["layers", "--model", "nope"], "unknown model 'nope'"),
         (["space", "--layers", "conv9"], "matches no decomposable layer"),
         (["space", "--rank", "conv2=1:900"], "exceeds what its 50x20x5x5 weight can hold"),
+        (["compare", "a", "b", "-o", "fronts.jpg"], "written as a .png and an .html twin"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
-    if args[0] not in ("export", "layers", "space"):
+    if args[0] not in ("export", "layers", "space", "compare"):
         args = [*args, "--storage", str(tmp_path / "runs")]
     assert main(args) == 2
     lines = capsys.readouterr().err.strip().splitlines()

@@ -46,6 +46,7 @@ def compare_searches(
             trials.assign(
                 search=parent.data.tags.get(TAG_SEARCH, name),
                 method=parent.data.tags.get("method", ""),
+                dataset=parent.data.tags.get("dataset", ""),
             )
         )
     kinds = {(s.name, s.direction) for s in scores.values()}
@@ -55,6 +56,18 @@ def compare_searches(
     score = next(iter(scores.values()), ACCURACY)
     combined = pd.concat(frames, ignore_index=True)
     return combined, front_frame(combined, OBJECTIVES, score), score
+
+
+def different_datasets(trials: pd.DataFrame) -> str | None:
+    """A warning when the searches scored their trials on different datasets (their scores,
+    and so their joint front, do not compare); None when they share one."""
+    datasets = trials.groupby("search", sort=False)["dataset"].first()
+    if datasets.nunique() <= 1:
+        return None
+    listed = ", ".join(f"{name}: {data or 'unknown'}" for name, data in datasets.items())
+    return (
+        f"warning: the searches ran on different datasets ({listed}): their scores do not compare"
+    )
 
 
 def format_joint_front(front: pd.DataFrame, score: Score = ACCURACY) -> str:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import yaml
 
+from tdsearch.errors import UserError
+
 FORMATS = ("tt", "tt-matrix", "tucker2", "svd", "dense")
 SERIALIZATIONS = ("yaml", "json", "csv", "md")
 _SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".json": "json", ".csv": "csv", ".md": "md"}
@@ -235,8 +237,19 @@ class RankTable(Mapping[str, LayerRanks]):
 
     @classmethod
     def load(cls, path: str | Path, fmt: str | None = None) -> RankTable:
+        """The table in file ``path`` (its format from the suffix unless ``fmt`` is given).
+
+        Raises:
+            UserError: the file is missing or unreadable; ValueError (which UserError is):
+                its content is not a rank table.
+        """
         path = Path(path)
-        return cls.loads(path.read_text(), fmt or format_from_suffix(path))
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            reason = getattr(err, "strerror", None) or err
+            raise UserError(f"cannot read rank table {path}: {reason}") from None
+        return cls.loads(text, fmt or format_from_suffix(path))
 
     @staticmethod
     def _row(name: str, ranks: LayerRanks) -> list[str]:

@@ -56,6 +56,13 @@ def test_save_and_load_by_suffix(tmp_path, suffix):
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temporary file
 
 
+def test_a_missing_table_file_is_one_sentence(tmp_path):
+    from tdsearch.errors import UserError
+
+    with pytest.raises(UserError, match=r"cannot read rank table .*missing.yaml: No such file"):
+        RankTable.load(tmp_path / "missing.yaml")
+
+
 def test_bad_entries_are_rejected_with_a_sentence():
     with pytest.raises(ValueError, match="unknown format"):
         LayerRanks("cp", (3,))
