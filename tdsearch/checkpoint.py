@@ -34,7 +34,20 @@ def save_compressed(
     num_classes: int | None,
     metrics: dict[str, float] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically (a kill never leaves half a file)."""
+    """Write a compact model as a checkpoint that :func:`load_compressed` reads, atomically (a
+    kill never leaves half a file). A search's trial writes its own: ``choice.save(path)``.
+
+    Args:
+        path: the ``.pt`` file.
+        model: the compact model (:func:`tdsearch.compress` of the dense one by ``table``).
+        table: the rank table it was compressed by.
+        model_spec: the built-in name or ``package.module:factory`` that builds the dense
+            model, or None for a model given as an object (``load_compressed(path, model=...)``
+            then takes a dense instance).
+        input_shape: one input's shape, without the batch dimension, e.g. (1, 28, 28).
+        num_classes: the classes a built-in model is built for (None if not needed).
+        metrics: recorded beside the weights (e.g. ``val_accuracy``).
+    """
     payload: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "model": model_spec,

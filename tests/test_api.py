@@ -307,7 +307,7 @@ def test_a_regression_search_ranks_by_its_metric_in_its_direction(tmp_path):
     "kwargs,message",
     [
         ({"epochs": "1"}, "setting epochs: expected int, got '1'"),
-        ({"layers": "conv2"}, "setting layers: expected list"),
+        ({"layers": {"conv2": 1}}, "setting layers: expected list"),  # a str is names, as --layers
         ({"loss": "mse"}, "loss must be a function"),
         ({"epoch": 1}, "did you mean epochs"),
     ],
