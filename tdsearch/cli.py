@@ -814,7 +814,8 @@ def _cmd_allocate(args: argparse.Namespace) -> int:
             fmt = format_from_suffix(Path(args.output))
         except ValueError:
             raise UserError(
-                f"-o {args.output}: the rank table's file must end in .yaml, .json, .csv or .md"
+                f"-o {args.output}: the rank table's file must end in .yaml, .yml, .json, .csv "
+                "or .md"
             ) from None
         _check_output(Path(args.output), "-o", default_store)
     if args.checkpoint:
@@ -944,7 +945,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Ctrl-C does: a search marks its runs, stays resumable and shuts down the Ray it started
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        args = build_parser().parse_args(argv)
+        args, unknown = build_parser().parse_known_args(argv)
+        if unknown:  # argparse would point to the top-level help, not the subcommand's
+            raise UserError(
+                f"unrecognized arguments: {' '.join(unknown)} (see `tdsearch {args.command} "
+                "--help`)"
+            )
         handler: Callable[[argparse.Namespace], int] = args.handler
         return handler(args)
     except UserError as err:

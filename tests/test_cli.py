@@ -194,3 +194,11 @@ def test_allocate_reuses_the_baseline_a_quick_search_trained(tmp_path, monkeypat
     assert "cached at" in capsys.readouterr().out
     assert main(["allocate", "--ratio", "4", *quick, "--baseline-epochs", "1"]) == 0
     assert "baseline: loaded from cache" in capsys.readouterr().out
+
+
+def test_an_unknown_flag_of_a_subcommand_points_to_its_help(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["allocate", "--ratio", "3", "--bogus"]) == 2
+    assert "unrecognized arguments: --bogus (see `tdsearch allocate --help`)" in (
+        capsys.readouterr().err
+    )
