@@ -189,7 +189,7 @@ def test_allocate_fine_tunes_when_asked_and_writes_the_fine_tuned_model(
         (["--ratio", "10", "--max-params", "5000"], "not allowed with argument"),
         ([], "one of the arguments --ratio --max-params --max-macs is required"),
         (["--max-macs", "1000"], "below what the smallest ranks reach"),
-        (["--ratio", "10", "-o", "ranks.txt"], "must end in .yaml, .json, .csv or .md"),
+        (["--ratio", "10", "-o", "ranks.txt"], "must end in .yaml, .yml, .json, .csv or .md"),
     ],
 )
 def test_allocate_bad_input_is_one_line(weights, tmp_path, capsys, monkeypatch, flags, message):
