@@ -95,8 +95,8 @@ def prepare(
 ) -> tuple[SearchConfig, str, bool, Tracker, SearchState | None]:
     """The search's name (never an earlier search's), the stored config of a resumed search,
     and its tracker (not yet connected). A resumed search refuses the ``requested`` settings
-    (the flags a user gave) that differ from its stored ones, and says when it keeps its
-    budget."""
+    (the flags a user gave) that differ from its stored ones, and says which requested run
+    settings (budget, concurrency ...) it keeps."""
     storage = config.storage_path
     base = default_name(config.model_label, config.dataset_label, config.space.method_name)
     name, resuming = resolve_name(storage, config.name, base, config.resume)

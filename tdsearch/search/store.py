@@ -64,7 +64,8 @@ class SearchState:
 
 
 #: settings that may differ between runs of one search: where and how it runs, not what it
-#: searches (a resumed search keeps its stored budget; the others apply to the new run)
+#: searches (a resumed search takes :data:`APPLIED_ON_RESUME` from the new run and keeps the
+#: stored others, saying so)
 RUN_SETTINGS = frozenset(
     {
         "budget",
