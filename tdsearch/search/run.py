@@ -104,7 +104,8 @@ def prepare(
     if resuming:
         state = SearchState.load(storage / name)
         requested = set(requested) - set(state.python_objects)
-        changed = changed_settings(state, config.to_dict(), requested)
+        given = config.to_dict()
+        changed = changed_settings(state, given, requested)
         if changed:
             key, stored, given = changed[0]
             flag = "--" + key.replace("_", "-")
@@ -112,7 +113,7 @@ def prepare(
                 f"search {name} was run with {flag} {stored}, not {given}; resume it with the "
                 f"same {flag} (or without it), or give a new --name for a new search"
             )
-        note = kept_settings_note(state, config.to_dict(), requested)
+        note = kept_settings_note(state, given, requested)
         if note:
             log(note)
         # Settings that shape the search come from the stored config; where it runs may change.
