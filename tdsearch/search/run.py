@@ -104,8 +104,8 @@ def prepare(
     if resuming:
         state = SearchState.load(storage / name)
         requested = set(requested) - set(state.python_objects)
-        given = config.to_dict()
-        changed = changed_settings(state, given, requested)
+        settings = config.to_dict()
+        changed = changed_settings(state, settings, requested)
         if changed:
             key, stored, given = changed[0]
             flag = "--" + key.replace("_", "-")
@@ -113,7 +113,7 @@ def prepare(
                 f"search {name} was run with {flag} {stored}, not {given}; resume it with the "
                 f"same {flag} (or without it), or give a new --name for a new search"
             )
-        note = kept_settings_note(state, given, requested)
+        note = kept_settings_note(state, settings, requested)
         if note:
             log(note)
         # Settings that shape the search come from the stored config; where it runs may change.
